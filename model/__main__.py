@@ -1,0 +1,142 @@
+"""`python -m model`: describe a preset, train (or load) its models, export a bundle.
+
+This entry point is the one module of `model` allowed to import `proto` (for `export`);
+the library itself imports nothing else of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import PRESETS, ConfigError, get_preset
+from .fractal_moe import build_model, expert_of, is_norm_param
+
+
+def describe(preset_name: str) -> dict:
+    """Architecture, parameter counts and adapter size of a preset (no training needed)."""
+    preset = get_preset(preset_name)
+    cfg = preset.model
+    model = build_model(cfg, 0)
+    sd = model.state_dict()
+    total = sum(v.numel() for v in sd.values())
+    expert = sum(v.numel() for k, v in sd.items() if expert_of(k))
+    adapter = sum(v.numel() for k, v in sd.items() if is_norm_param(k))
+    out = {
+        "preset": preset.name,
+        "params": total,
+        "params_per_expert": expert // (cfg.n_layers * cfg.n_experts),
+        "params_in_experts": expert,
+        "expert_share": round(expert / total, 4),
+        "layers": cfg.n_layers,
+        "experts_per_layer": cfg.n_experts,
+        "d_model": cfg.d_model,
+        "d_ff": cfg.d_ff,
+        "n_heads": cfg.n_heads,
+        "top_k": cfg.top_k,
+        "vocab_size": cfg.vocab_size,
+        "context": cfg.context,
+        "adapter_params": adapter,
+        "adapter_bytes": adapter * 2,  # fp16 on the wire
+    }
+    try:
+        from .codecs import codec_sizes
+    except ImportError:  # codecs arrive with the compression work; describe stays usable without them
+        return out
+    out["codecs"] = codec_sizes(sd)
+    return out
+
+
+def _print_describe(d: dict) -> None:
+    print(f"FractalMoE preset {d['preset']}: {d['layers']} blocks x {d['experts_per_layer']} experts, "
+          f"top-{d['top_k']} router, d_model {d['d_model']}, d_ff {d['d_ff']}, vocab {d['vocab_size']}")
+    print(f"  parameters      {d['params']:>12,}")
+    print(f"  per expert      {d['params_per_expert']:>12,}")
+    print(f"  in experts      {d['params_in_experts']:>12,}  ({100 * d['expert_share']:.1f}%)")
+    print(f"  adapter         {d['adapter_params']:>12,} params = {d['adapter_bytes']:,} bytes (fp16)")
+    if "codecs" in d:
+        print("  codec            bundle bytes   bits/expert weight")
+        for name, c in d["codecs"].items():
+            print(f"  {name:<16} {c['bytes']:>12,}   {c['bits_per_expert_weight']:.3f}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train or load every model of a preset and write DIR/metrics.json."""
+    from .pipeline import Suite
+
+    suite = Suite(args.preset, args.seed, use_cache=not args.no_cache, corpus_dir=args.corpus)
+    t0 = time.perf_counter()
+    suite.build_all()
+    metrics = {"preset": suite.preset.name, "seed": args.seed, "models": suite.evaluate_all(),
+               "timings": suite.timings, "wall_seconds": round(time.perf_counter() - t0, 2)}
+    if args.codecs:
+        from .quality import codec_quality
+
+        metrics["codecs"] = codec_quality(suite, progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    base = metrics["models"]["base"]
+    print(f"wrote {out / 'metrics.json'}")
+    for name, m in base.items():
+        floor = "" if m["bpc_floor"] is None else f"  floor {m['bpc_floor']:.3f}"
+        print(f"  base on {name:<16} ppl {m['ppl']:>9.3f}  bpc {m['bpc']:.3f}{floor}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a bundle of the trained base model with the chosen expert codec."""
+    from proto.bundle import write_bundle
+
+    from .codecs import encode_state_dict
+    from .pipeline import Suite
+
+    suite = Suite(args.preset, args.seed, use_cache=not args.no_cache)
+    entries = encode_state_dict(suite.base_state(), expert_codec=args.codec, other_codec=args.other_codec)
+    meta = {"preset": suite.preset.name, "seed": args.seed, "model": "base", "expert_codec": args.codec}
+    n = write_bundle(args.out, entries, meta)
+    print(f"wrote {args.out}: {n:,} bytes, {len(entries)} tensors, experts in {args.codec}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m model`."""
+    ap = argparse.ArgumentParser(prog="python -m model", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("describe", help="architecture, parameter counts, adapter bytes, codec sizes")
+    d.add_argument("--preset", default="small", choices=list(PRESETS))
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    t = sub.add_parser("train", help="train or load base, specialists and adapters; write DIR/metrics.json")
+    t.add_argument("--preset", default="small", choices=list(PRESETS))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="runs/model", help="output folder (default runs/model)")
+    t.add_argument("--corpus", default=None, metavar="DIR", help="your own users' text: one sub-folder per user")
+    t.add_argument("--no-cache", action="store_true", help="retrain even when the cache has the weights")
+    t.add_argument("--codecs", action="store_true", help="also measure the perplexity under every codec")
+    e = sub.add_parser("export", help="write a bundle of the trained base model")
+    e.add_argument("--preset", default="small", choices=list(PRESETS))
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--codec", required=True, help="codec of the expert matrices (see `describe`)")
+    e.add_argument("--other-codec", default="fp16", help="codec of the non-expert tensors (default fp16)")
+    e.add_argument("--out", required=True, help="bundle file to write")
+    e.add_argument("--no-cache", action="store_true", help="retrain even when the cache has the weights")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "describe":
+            info = describe(args.preset)
+            print(json.dumps(info, indent=2)) if args.json else _print_describe(info)
+            return 0
+        if args.cmd == "train":
+            return cmd_train(args)
+        return cmd_export(args)
+    except (ConfigError, KeyError, ValueError, OSError) as exc:
+        name = type(exc).__name__
+        print(f"error: {name}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Evaluation: per-token log-probabilities, perplexity, bits per character, sampling, routing statistics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .data import eval_windows
+from .fractal_moe import FractalMoE
+
+LN2 = math.log(2.0)
+
+
+@torch.no_grad()
+def token_logps(model: FractalMoE, ids: torch.Tensor, *, batch: int = 16) -> torch.Tensor:
+    """log p(x_t | x_<t) in nats for every token of ``ids`` but the first: (N-1,) float64.
+
+    The text is cut into non-overlapping windows of the model's context, so each prediction
+    sees at most ``context`` tokens of history (the same for every model compared).
+    """
+    model.eval()
+    x, y = eval_windows(ids, model.cfg.context)  # (W, T), (W, T)
+    out = []
+    for i in range(0, x.size(0), batch):
+        logits = model(x[i:i + batch]).logits  # (b, T, V)
+        lp = torch.log_softmax(logits.double(), dim=-1)  # (b, T, V)
+        tgt = y[i:i + batch]
+        keep = tgt != -100
+        out.append(lp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0][keep])
+    return torch.cat(out)
+
+
+def perplexity(logps: torch.Tensor) -> float:
+    """exp of the mean negative log-likelihood (nats) of per-token log-probabilities."""
+    return float(torch.exp(-logps.mean()))
+
+
+def bits_per_char(logps: torch.Tensor, n_chars: int) -> float:
+    """Total negative log-likelihood in bits divided by the characters it covers."""
+    return float(-logps.sum() / LN2 / max(1, n_chars))
+
+
+@torch.no_grad()
+def sample(
+    model: FractalMoE, prompt: torch.Tensor, n: int, *, greedy: bool = True, temperature: float = 1.0, seed: int = 0
+) -> torch.Tensor:
+    """Continue ``prompt`` ((T,) long) by ``n`` tokens; returns only the new ones, (n,) long."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = prompt.clone()
+    new = []
+    for _ in range(n):
+        ctx = ids[-model.cfg.context:][None]  # (1, T)
+        logits = model(ctx).logits[0, -1]  # (V,)
+        if greedy:
+            nxt = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        new.append(nxt)
+        ids = torch.cat([ids, torch.tensor([nxt])])
+    return torch.tensor(new, dtype=torch.long)
+
+
+def unique_tokens(ids: torch.Tensor) -> int:
+    """The number of distinct tokens: the Bet 38 mode-collapse signal."""
+    return int(torch.unique(ids).numel())
+
+
+@torch.no_grad()
+def routing_counts(model: FractalMoE, ids: torch.Tensor) -> torch.Tensor:
+    """How often each expert of each block is chosen over ``ids``: (L, E) long."""
+    x, y = eval_windows(ids, model.cfg.context)
+    counts = torch.zeros(model.cfg.n_layers, model.cfg.n_experts, dtype=torch.long)
+    for i in range(0, x.size(0), 16):
+        model(x[i:i + 16])
+        keep = (y[i:i + 16] != -100)  # (b, T)
+        for b, m in enumerate(model.moes):
+            counts[b] += torch.bincount(m.last_route[keep], minlength=model.cfg.n_experts)
+    return counts
+
+
+def routing_summary(counts: torch.Tensor) -> dict:
+    """Per-block expert usage: shares, how many experts are used, and normalised routing entropy."""
+    shares = counts.double() / counts.sum(dim=1, keepdim=True).clamp(min=1)  # (L, E)
+    ent = -(shares * torch.log(shares.clamp(min=1e-12))).sum(dim=1) / math.log(counts.size(1))  # (L,)
+    return {
+        "shares": [[round(float(v), 4) for v in row] for row in shares],
+        "experts_used": [int((row > 0).sum()) for row in counts],
+        "normalised_entropy": [round(float(v), 4) for v in ent],
+    }
