@@ -58,16 +58,18 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_CONTEXT: FinishReason
 
 class BundleRef(_message.Message):
-    __slots__ = ("name", "size", "sha256", "kind")
+    __slots__ = ("name", "size", "sha256", "model", "codec")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     sha256: bytes
-    kind: str
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., kind: _Optional[str] = ...) -> None: ...
+    model: str
+    codec: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., model: _Optional[str] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class ByteRange(_message.Message):
     __slots__ = ("bundle", "offset", "length")
@@ -80,16 +82,18 @@ class ByteRange(_message.Message):
     def __init__(self, bundle: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class KindBytes(_message.Message):
-    __slots__ = ("kind", "sent", "received", "messages")
+    __slots__ = ("kind", "sent", "received", "messages", "payload")
     KIND_FIELD_NUMBER: _ClassVar[int]
     SENT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     kind: ByteKind
     sent: int
     received: int
     messages: int
-    def __init__(self, kind: _Optional[_Union[ByteKind, str]] = ..., sent: _Optional[int] = ..., received: _Optional[int] = ..., messages: _Optional[int] = ...) -> None: ...
+    payload: int
+    def __init__(self, kind: _Optional[_Union[ByteKind, str]] = ..., sent: _Optional[int] = ..., received: _Optional[int] = ..., messages: _Optional[int] = ..., payload: _Optional[int] = ...) -> None: ...
 
 class MixtureComponent(_message.Message):
     __slots__ = ("specialist", "node_id", "adapter_user_id")
@@ -412,10 +416,11 @@ class ResetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("node_id", "address", "model", "installed", "user_ids", "n_blocks", "n_experts", "protocol_version")
+    __slots__ = ("node_id", "address", "model", "codec", "installed", "user_ids", "n_blocks", "n_experts", "protocol_version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     INSTALLED_FIELD_NUMBER: _ClassVar[int]
     USER_IDS_FIELD_NUMBER: _ClassVar[int]
     N_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -424,12 +429,13 @@ class RegisterRequest(_message.Message):
     node_id: str
     address: str
     model: str
+    codec: str
     installed: _containers.RepeatedCompositeFieldContainer[BundleRef]
     user_ids: _containers.RepeatedScalarFieldContainer[str]
     n_blocks: int
     n_experts: int
     protocol_version: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., installed: _Optional[_Iterable[_Union[BundleRef, _Mapping]]] = ..., user_ids: _Optional[_Iterable[str]] = ..., n_blocks: _Optional[int] = ..., n_experts: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., codec: _Optional[str] = ..., installed: _Optional[_Iterable[_Union[BundleRef, _Mapping]]] = ..., user_ids: _Optional[_Iterable[str]] = ..., n_blocks: _Optional[int] = ..., n_experts: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_ms", "bundles", "user_ids", "chunk_size")
@@ -488,20 +494,22 @@ class FetchBundleRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., chunk_size: _Optional[int] = ..., expected_sha256: _Optional[bytes] = ...) -> None: ...
 
 class BundleChunk(_message.Message):
-    __slots__ = ("name", "offset", "data", "total_size", "sha256", "kind")
+    __slots__ = ("name", "offset", "data", "total_size", "sha256", "model", "codec")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     name: str
     offset: int
     data: bytes
     total_size: int
     sha256: bytes
-    kind: str
-    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., kind: _Optional[str] = ...) -> None: ...
+    model: str
+    codec: str
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., model: _Optional[str] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class FetchAdapterRequest(_message.Message):
     __slots__ = ("node_id", "user_id")
