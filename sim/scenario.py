@@ -1,0 +1,232 @@
+"""Scenario files (TOML): what a federation run looks like, validated, with command-line overrides.
+
+A scenario has sections ``[federation]``, ``[model]``, ``[network]``, ``[workload]``,
+``[prefetch]`` and ``[faults]``; every key has a default, so an empty file is a valid scenario.
+Unknown sections or keys, and values of the wrong type or range, are refused with a
+:class:`ScenarioError` whose message names the key at fault (``workload.generate_tokens: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ScenarioError(ValueError):
+    """A scenario file or override is invalid; the message names the key at fault."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ScenarioError(f"{key}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationSection:
+    """How many nodes, on which Ray cluster, with which models."""
+
+    nodes: int = 32
+    preset: str = "small"
+    seed: int = 0
+    users_per_persona: int = 0  # 0: the preset's own number
+    nodes_per_actor: int = 1  # virtual nodes packed into one Ray actor process
+    address: str = ""  # Ray cluster address; "" starts a local Ray
+
+    def validate(self) -> None:
+        """Raise ScenarioError on out-of-range values."""
+        _check(1 <= self.nodes <= 4096, "federation.nodes", f"must be between 1 and 4096, got {self.nodes}")
+        _check(self.preset in ("tiny", "small", "30m"), "federation.preset",
+               f"must be one of tiny, small, 30m, got {self.preset!r}")
+        _check(self.users_per_persona >= 0, "federation.users_per_persona", "must be >= 0")
+        _check(self.nodes_per_actor >= 1, "federation.nodes_per_actor", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """What is shipped: the codec of the experts and of the rest, and the specialist nodes."""
+
+    expert_codec: str = "int8"
+    other_codec: str = "fp16"
+    specialists: list[str] = field(default_factory=lambda: ["programmer", "novelist", "scientist", "journalist"])
+
+    def validate(self) -> None:
+        """Raise ScenarioError on out-of-range values."""
+        _check(bool(self.expert_codec), "model.expert_codec", "must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkSection:
+    """Link profiles of the nodes and the coordinator's egress capacity."""
+
+    default_link: str = "school-adsl"
+    egress_mbps: float = 1000.0
+    links: dict[str, str] = field(default_factory=dict)  # "0-7" or "3" -> profile name
+    profiles: dict[str, dict] = field(default_factory=dict)  # custom profiles: name -> {down_mbps, up_mbps, rtt_ms}
+
+    def validate(self) -> None:
+        """Raise ScenarioError on out-of-range values."""
+        _check(self.egress_mbps > 0, "network.egress_mbps", f"must be > 0, got {self.egress_mbps}")
+        for rng in self.links:
+            lo, _, hi = rng.partition("-")
+            _check(lo.isdigit() and (not hi or hi.isdigit()), f"network.links.{rng}",
+                   "keys are node indices like \"3\" or ranges like \"0-7\"")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadSection:
+    """What the users do once the federation is up."""
+
+    score_requests_per_user: int = 1
+    generate_requests_per_user: int = 1
+    generate_tokens: int = 16
+    score_chars: int = 1500  # characters of held-out text per scoring request
+    unknown_users: bool = True
+    mixture_requests: int = 1  # per training persona, over the specialist nodes
+    mixture_modes: list[str] = field(default_factory=lambda: ["uniform", "posterior"])
+    concurrency: int = 8
+
+    def validate(self) -> None:
+        """Raise ScenarioError on out-of-range values."""
+        for k in ("score_requests_per_user", "generate_requests_per_user", "mixture_requests"):
+            _check(getattr(self, k) >= 0, f"workload.{k}", "must be >= 0")
+        _check(1 <= self.generate_tokens <= 512, "workload.generate_tokens", "must be between 1 and 512")
+        _check(50 <= self.score_chars <= 100_000, "workload.score_chars", "must be between 50 and 100000")
+        _check(1 <= self.concurrency <= 256, "workload.concurrency", "must be between 1 and 256")
+        for m in self.mixture_modes:
+            _check(m in ("uniform", "posterior"), "workload.mixture_modes", f"unknown mode {m!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefetchSection:
+    """The prefetch sweep: predictors against expert budgets (off when ``budgets`` is empty)."""
+
+    predictors: list[str] = field(default_factory=list)
+    budgets: list[int] = field(default_factory=list)  # experts per block
+    miss_policy: str = "substitute"
+    warmup_tokens: int = 16
+
+    def validate(self) -> None:
+        """Raise ScenarioError on out-of-range values."""
+        for b in self.budgets:
+            _check(1 <= b <= 16, "prefetch.budgets", f"each budget is 1..16 experts per block, got {b}")
+        _check(self.miss_policy in ("wait", "substitute", "remote", "auto"), "prefetch.miss_policy",
+               f"must be wait, substitute, remote or auto, got {self.miss_policy!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultsSection:
+    """Faults injected during the run (all off by default)."""
+
+    kill_nodes: int = 0
+    cut_stream_at: float = 0.0  # fraction of a bundle after which one stream is cut (0: never)
+    corrupt_chunks: int = 0
+    restart_coordinator: bool = False
+
+    def validate(self) -> None:
+        """Raise ScenarioError on out-of-range values."""
+        _check(self.kill_nodes >= 0, "faults.kill_nodes", "must be >= 0")
+        _check(0.0 <= self.cut_stream_at < 1.0, "faults.cut_stream_at", "must be in [0, 1)")
+        _check(self.corrupt_chunks >= 0, "faults.corrupt_chunks", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scenario:
+    """A whole scenario."""
+
+    name: str = "default"
+    description: str = ""
+    federation: FederationSection = field(default_factory=FederationSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    workload: WorkloadSection = field(default_factory=WorkloadSection)
+    prefetch: PrefetchSection = field(default_factory=PrefetchSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
+
+    def validate(self) -> "Scenario":
+        """Validate every section; returns self."""
+        for f in dataclasses.fields(self):
+            sec = getattr(self, f.name)
+            if dataclasses.is_dataclass(sec):
+                sec.validate()
+        _check(self.faults.kill_nodes < self.federation.nodes, "faults.kill_nodes",
+               "must leave at least one node alive")
+        return self
+
+    def to_dict(self) -> dict:
+        """The scenario as plain data (for the report)."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Scenario)}
+
+
+def _coerce(key: str, value: object, tp: object) -> object:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+        _check(ok, key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"expected a table, got {value!r}")
+        _, inner = typing.get_args(tp)
+        return {k: _coerce(f"{key}.{k}", v, inner) for k, v in value.items()}
+    if isinstance(tp, types.GenericAlias) or tp is dict:
+        return value
+    raise ScenarioError(f"{key}: unsupported type {tp}")
+
+
+def _section(name: str, cls: type, data: object):
+    _check(isinstance(data, dict), name, "must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        _check(k in known, f"{name}.{k}", f"unknown key; known keys: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in data.items()})
+
+
+def from_dict(data: dict) -> Scenario:
+    """A validated Scenario from parsed TOML."""
+    hints = typing.get_type_hints(Scenario)
+    kwargs = {}
+    for k, v in data.items():
+        _check(k in hints, k, f"unknown section or key; known: {', '.join(sorted(hints))}")
+        if k in ("name", "description"):
+            kwargs[k] = _coerce(k, v, str)
+        else:
+            kwargs[k] = _section(k, hints[k], v)
+    return Scenario(**kwargs).validate()
+
+
+def load(path: str | Path) -> Scenario:
+    """Read and validate a scenario file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    data.setdefault("name", path.stem)
+    return from_dict(data)
+
+
+def override(scn: Scenario, section: str, **values: object) -> Scenario:
+    """A copy of ``scn`` with ``values`` replacing keys of ``section`` (None values are ignored)."""
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values:
+        return scn
+    sec = dataclasses.replace(getattr(scn, section), **values)
+    return dataclasses.replace(scn, **{section: sec}).validate()

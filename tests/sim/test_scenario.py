@@ -1,0 +1,56 @@
+import pytest
+
+from sim import scenario as S
+
+
+def write(tmp_path, text):
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    return p
+
+
+def test_empty_file_is_the_default_scenario(tmp_path):
+    scn = S.load(write(tmp_path, ""))
+    assert scn.federation.nodes == 32 and scn.federation.preset == "small"
+    assert scn.name == "s"
+
+
+def test_values_are_read_and_ints_accepted_for_floats(tmp_path):
+    scn = S.load(write(tmp_path, '[federation]\nnodes = 4\npreset = "tiny"\n[network]\negress_mbps = 10\n'
+                                 '[network.profiles.slow]\ndown_mbps = 1\n'))
+    assert scn.federation.nodes == 4 and scn.network.egress_mbps == 10.0
+    assert scn.network.profiles == {"slow": {"down_mbps": 1}}
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[federation]\nnodes = 0\n", "federation.nodes"),
+    ("[federation]\nnodes = \"many\"\n", "federation.nodes"),
+    ("[federation]\nnodez = 3\n", "federation.nodez"),
+    ("[workload]\ngenerate_tokens = 0\n", "workload.generate_tokens"),
+    ("[workload]\nmixture_modes = [\"median\"]\n", "workload.mixture_modes"),
+    ("[prefetch]\nbudgets = [2, 17]\n", "prefetch.budgets"),
+    ("[prefetch]\nmiss_policy = \"panic\"\n", "prefetch.miss_policy"),
+    ("[network.links]\n\"a-b\" = \"fibre\"\n", "network.links.a-b"),
+    ("[faults]\nkill_nodes = 40\n", "faults.kill_nodes"),
+    ("[federation]\nuse_gpu = true\n", "federation.use_gpu"),
+    ("[nonsense]\nx = 1\n", "nonsense"),
+    ("[federation]\nseed = true\n", "federation.seed"),
+])
+def test_invalid_scenarios_name_the_key_at_fault(tmp_path, text, key):
+    with pytest.raises(S.ScenarioError) as err:
+        S.load(write(tmp_path, text))
+    assert str(err.value).startswith(key + ":")
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    with pytest.raises(S.ScenarioError, match="not valid TOML"):
+        S.load(write(tmp_path, "[federation\n"))
+    with pytest.raises(S.ScenarioError, match="no such scenario file"):
+        S.load(tmp_path / "absent.toml")
+
+
+def test_override_replaces_and_revalidates(tmp_path):
+    scn = S.load(write(tmp_path, "[federation]\nnodes = 4\n"))
+    assert S.override(scn, "federation", nodes=8, seed=None).federation.nodes == 8
+    with pytest.raises(S.ScenarioError, match="federation.nodes"):
+        S.override(scn, "federation", nodes=-1)
