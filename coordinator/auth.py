@@ -1,0 +1,146 @@
+"""Bearer-token authentication and access rules; optional TLS credentials.
+
+Three kinds of token: per-user tokens (the coordinator stores only their SHA-256), the node token
+(NodeControl), the admin token (everything on Federation). Every comparison of secret material
+uses :func:`hmac.compare_digest`. Tokens travel as ``authorization: Bearer <token>`` metadata.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from .limits import RequestError
+
+_MAX_TOKEN_CHARS = 512
+
+
+class Role(enum.Enum):
+    """What a token is."""
+
+    ADMIN = "admin"
+    USER = "user"
+    NODE = "node"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller: a role, and the user id for a user token."""
+
+    role: Role
+    user_id: str = ""
+
+    @property
+    def is_admin(self) -> bool:
+        """True for the admin token."""
+        return self.role is Role.ADMIN
+
+
+def new_token() -> str:
+    """A fresh random bearer token (256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> bytes:
+    """SHA-256 of a token: what the registry stores. Tokens are random, so no slow KDF is needed."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def _unauthenticated(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def _denied(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The token of the ``authorization: Bearer <token>`` metadata entry, else UNAUTHENTICATED."""
+    values = [v for k, v in (metadata or ()) if k.lower() == "authorization"]
+    if not values:
+        raise _unauthenticated("missing 'authorization: Bearer <token>' metadata")
+    if len(values) > 1:
+        raise _unauthenticated("more than one authorization header")
+    value = values[0]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthenticated("authorization metadata must be 'Bearer <token>'")
+    if len(token) > _MAX_TOKEN_CHARS:
+        raise _unauthenticated("token too long")
+    return token
+
+
+class Authenticator:
+    """Turns request metadata into a :class:`Principal` and enforces who reaches what.
+
+    ``user_for_token_hash`` maps a token's SHA-256 to a user id (or None): the registry's lookup.
+    """
+
+    def __init__(self, admin_token: str, node_token: str, user_for_token_hash: Callable[[bytes], str | None]) -> None:
+        self._admin = hash_token(admin_token)
+        self._node = hash_token(node_token)
+        self._lookup = user_for_token_hash
+
+    def authenticate(self, metadata) -> Principal:
+        """The caller behind ``metadata``; UNAUTHENTICATED for a missing, malformed or unknown token."""
+        digest = hash_token(bearer_token(metadata))
+        # Both fixed tokens are always compared, so timing does not say which one nearly matched.
+        is_admin = hmac.compare_digest(digest, self._admin)
+        is_node = hmac.compare_digest(digest, self._node)
+        if is_admin:
+            return Principal(Role.ADMIN)
+        if is_node:
+            return Principal(Role.NODE)
+        user_id = self._lookup(digest)
+        if user_id is None:
+            raise _unauthenticated("invalid token")
+        return Principal(Role.USER, user_id)
+
+    def client(self, metadata) -> Principal:
+        """A Federation caller: a user or the admin (the node token is refused)."""
+        principal = self.authenticate(metadata)
+        if principal.role is Role.NODE:
+            raise _denied("the node token does not reach the Federation service")
+        return principal
+
+    def admin(self, metadata) -> Principal:
+        """The admin, else PERMISSION_DENIED (UNAUTHENTICATED for a bad token)."""
+        principal = self.authenticate(metadata)
+        if not principal.is_admin:
+            raise _denied("this RPC needs the admin token")
+        return principal
+
+    def node(self, metadata) -> Principal:
+        """A node (node token), else PERMISSION_DENIED (UNAUTHENTICATED for a bad token)."""
+        principal = self.authenticate(metadata)
+        if principal.role is not Role.NODE:
+            raise _denied("NodeControl needs the node token")
+        return principal
+
+
+def require_user_access(principal: Principal, user_id: str) -> None:
+    """A user token reaches only its own user; the admin reaches every user."""
+    if principal.is_admin:
+        return
+    if principal.role is not Role.USER or not hmac.compare_digest(principal.user_id.encode(), user_id.encode()):
+        raise _denied(f"this token does not reach user {user_id!r}")
+
+
+def server_credentials(cert_path: Path, key_path: Path) -> grpc.ServerCredentials:
+    """TLS credentials for the coordinator from PEM files."""
+    return grpc.ssl_server_credentials([(Path(key_path).read_bytes(), Path(cert_path).read_bytes())])
+
+
+def call_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Request metadata carrying ``token``."""
+    return (("authorization", f"Bearer {token}"),)

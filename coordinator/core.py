@@ -1,0 +1,248 @@
+"""What the coordinator's services share: state, and the helpers every RPC uses.
+
+:class:`Core` holds the registry, bundle store, byte counters, node clients, router,
+authenticator and tokenizer, and knows how to call a node with failover and a deadline, install an
+adapter, and turn exceptions into status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Collection
+from typing import TypeVar
+
+import grpc
+
+from proto import federation_pb2 as pb
+
+from .auth import Authenticator
+from .config import CoordinatorConfig
+from .limits import GuardInterceptor, RequestError
+from .nodes import NodeClients
+from .registry import NodeRecord, Registry, UserRecord
+from .routing import NoNodeAvailable, NodeUnavailable, Route, Router
+from .store import BundleIntegrityError, BundleNameError, BundleNotFound, BundleRangeError, BundleStore, StoreError
+from .tokens import TokenCodec
+from .traffic import Traffic
+
+T = TypeVar("T")
+
+# Node failures after which the request is tried on another node.
+_NODE_DOWN = {grpc.StatusCode.UNAVAILABLE}
+
+
+def _translate(err: Exception) -> RequestError | None:
+    """The status a known exception maps to, or None for an unexpected one."""
+    if isinstance(err, RequestError):
+        return err
+    if isinstance(err, NoNodeAvailable):
+        return RequestError(grpc.StatusCode.UNAVAILABLE, str(err))
+    if isinstance(err, NodeUnavailable):
+        return RequestError(grpc.StatusCode.UNAVAILABLE, str(err))
+    if isinstance(err, BundleNotFound):
+        return RequestError(grpc.StatusCode.NOT_FOUND, str(err))
+    if isinstance(err, BundleNameError):
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+    if isinstance(err, BundleRangeError):
+        return RequestError(grpc.StatusCode.OUT_OF_RANGE, str(err))
+    if isinstance(err, (BundleIntegrityError, StoreError)):
+        return RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+    return None
+
+
+def handles_errors(fn):
+    """Decorate a unary servicer method: known exceptions become their status code."""
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except Exception as err:  # noqa: BLE001 - translated or re-raised below
+            mapped = _translate(err)
+            if mapped is None:
+                raise
+            await context.abort(mapped.code, mapped.message)
+    return wrapper
+
+
+def handles_stream_errors(fn):
+    """Decorate a server-streaming servicer method (an async generator) like :func:`handles_errors`."""
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as err:  # noqa: BLE001
+            mapped = _translate(err)
+            if mapped is None:
+                raise
+            await context.abort(mapped.code, mapped.message)
+    return wrapper
+
+
+def node_error(node: NodeRecord, err: grpc.aio.AioRpcError) -> RequestError:
+    """The status to return when ``node`` failed a call with ``err`` (and no failover applies)."""
+    code = err.code()
+    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return RequestError(code, f"node {node.node_id}: {code.name.lower()}")
+    return RequestError(grpc.StatusCode.INTERNAL, f"node {node.node_id} failed: {code.name}: {err.details()}")
+
+
+async def first_error(coros: list[Awaitable[T]]) -> list[T]:
+    """Run ``coros`` concurrently; on the first failure cancel the rest and raise that failure."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except BaseExceptionGroup as eg:
+        raise eg.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+class Core:
+    """The coordinator's shared state and helpers."""
+
+    def __init__(self, config: CoordinatorConfig, *, registry: Registry, store: BundleStore, traffic: Traffic,
+                 codec: TokenCodec | None, guard: GuardInterceptor) -> None:
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self.traffic = traffic
+        self.codec = codec
+        self.guard = guard
+        self.auth = Authenticator(config.admin_token, config.node_token, registry.user_for_token_hash)
+        self.clients = NodeClients(traffic, config.node_token, max_message_bytes=config.max_message_bytes)
+        self.router = Router(registry, self.install)
+        self.bos_id = self._special(config.bos_token)
+
+    def _special(self, token: str | None) -> int | None:
+        if token is None or self.codec is None:
+            return None
+        token_id = self.codec.token_id(token)
+        if token_id is None:
+            raise ValueError(f"the tokenizer has no token {token!r}")
+        return token_id
+
+    def require_codec(self) -> TokenCodec:
+        """The tokenizer, or FAILED_PRECONDITION when the coordinator was started without one."""
+        if self.codec is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "the coordinator has no tokenizer")
+        return self.codec
+
+    def timeout(self, context) -> float:
+        """Seconds a node call may take: the node timeout, or less if the client's deadline is sooner."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self.config.node_timeout_s
+        if remaining <= 0:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return min(self.config.node_timeout_s, remaining)
+
+    def user(self, user_id: str) -> UserRecord:
+        """The user, or NOT_FOUND."""
+        user = self.registry.get_user(user_id)
+        if user is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown user {user_id!r}")
+        return user
+
+    async def install(self, node: NodeRecord, user: UserRecord) -> None:
+        """Ship ``user``'s adapter to ``node`` (Node.LoadUser); NodeUnavailable when the node is gone."""
+        if not user.has_adapter:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"user {user.user_id!r} has no adapter")
+        request = pb.LoadUserRequest(adapter=pb.Adapter(
+            user_id=user.user_id, format=user.adapter_format, data=user.adapter, sha256=user.adapter_sha256 or b""))
+        try:
+            await self.clients.unary(node, "LoadUser", request, kind=pb.BYTE_KIND_ADAPTER, user_id=user.user_id,
+                                     timeout=self.config.node_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            if err.code() in _NODE_DOWN or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise NodeUnavailable(node.node_id, err.code().name) from None
+            raise node_error(node, err) from None
+
+    async def uninstall(self, node_id: str | None, user_id: str) -> None:
+        """Best effort: drop ``user_id``'s adapter from ``node_id`` (a down node forgets it anyway)."""
+        node = self.registry.get_node(node_id) if node_id else None
+        if node is None or not node.healthy:
+            return
+        try:
+            await self.clients.unary(node, "UnloadUser", pb.UnloadUserRequest(user_id=user_id),
+                                     kind=pb.BYTE_KIND_ADAPTER, user_id=user_id, timeout=self.config.node_timeout_s)
+        except grpc.aio.AioRpcError:
+            pass
+
+    async def with_failover(self, resolve: Callable[[Collection[str]], Awaitable[Route]],
+                            call: Callable[[Route], Awaitable[T]]) -> tuple[T, Route, bool]:
+        """Resolve a route and call it; a node that is down is marked so and another one tried.
+
+        A node that answers NOT_FOUND for the adapter it should hold (it restarted) gets the
+        adapter reinstalled once. Returns the result, the route used, and whether it failed over.
+        """
+        excluded: set[str] = set()
+        failed_over = False
+        reinstalled = False
+        for _ in range(self.config.max_failover + 2):
+            route = await resolve(excluded)
+            failed_over |= route.failed_over
+            try:
+                return await call(route), route, failed_over
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _NODE_DOWN:
+                    self.router.mark_down(route.node.node_id)
+                    await self.clients.forget(route.node.address)
+                    excluded.add(route.node.node_id)
+                    failed_over = True
+                    if len(excluded) > self.config.max_failover:
+                        break
+                    continue
+                if err.code() == grpc.StatusCode.NOT_FOUND and route.adapter_user_id and not reinstalled:
+                    await self.install(route.node, self.user(route.adapter_user_id))
+                    reinstalled = True
+                    continue
+                raise node_error(route.node, err) from None
+        raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                           f"no node could serve the request (tried {', '.join(sorted(excluded)) or 'none'})")
+
+    def request_counters(self) -> dict[str, int]:
+        """The guard's outcome counters, flattened for persistence."""
+        c = self.guard.counters
+        out = {}
+        for name, table in (("ok", c.ok), ("failed", c.failed), ("shed", c.shed)):
+            for service, value in table.items():
+                out[f"{name}.{service}"] = value
+        out["failed_over"] = self.traffic.requests_failed_over
+        return out
+
+    def restore_counters(self, values: dict[str, int]) -> None:
+        """Reload counters saved by :meth:`request_counters`."""
+        c = self.guard.counters
+        tables = {"ok": c.ok, "failed": c.failed, "shed": c.shed}
+        for key, value in values.items():
+            name, _, service = key.partition(".")
+            if name in tables and service:
+                tables[name][service] = tables[name].get(service, 0) + value
+            elif key == "failed_over":
+                self.traffic.requests_failed_over += value
+
+    def node_info(self, node: NodeRecord, visible_user: str | None = None) -> pb.NodeInfo:
+        """A node as ``NodeInfo``; with ``visible_user`` only that user is listed among its users."""
+        users = self.registry.users_on_node(node.node_id)
+        if visible_user is not None:
+            users = [u for u in users if u == visible_user]
+        return pb.NodeInfo(node_id=node.node_id, address=node.address, state=node.state,
+                           last_heartbeat_ms=node.last_heartbeat_ms, model=node.model, bundles=node.bundles,
+                           user_ids=users, expert_mask=node.expert_mask, n_blocks=node.n_blocks,
+                           n_experts=node.n_experts, inflight=node.inflight)
+
+    def user_info(self, user: UserRecord) -> pb.UserInfo:
+        """A user as ``UserInfo`` (never the token)."""
+        node = self.registry.get_node(user.node_id) if user.node_id else None
+        return pb.UserInfo(user_id=user.user_id, persona=user.persona, node_id=user.node_id or "",
+                           has_adapter=user.has_adapter, adapter_bytes=len(user.adapter or b""),
+                           adapter_sha256=user.adapter_sha256 or b"",
+                           node_state=node.state if node else pb.NODE_STATE_UNSPECIFIED)
+
+    def bundles_for(self, model: str, codec: str, installed: Collection[str]) -> list[pb.BundleRef]:
+        """Bundles of ``model`` (and ``codec`` when given) that a node has not installed."""
+        have = set(installed)
+        return [pb.BundleRef(name=b.name, size=b.size, sha256=b.sha256, model=b.model, codec=b.codec)
+                for b in self.store.list()
+                if b.model == model and (not codec or b.codec == codec) and b.name not in have]
