@@ -1,0 +1,340 @@
+"""Node life cycle, and many virtual nodes per process: ``NodeHost`` and the Ray actor ``NodeActor``.
+
+A node's life: start its own grpc.aio ``Node`` server on a loopback port (port 0), register with
+the coordinator (``NodeControl.Register``, node token as ``authorization: Bearer``, announcing its
+address), fetch and install its bundles, load its users' adapters, then heartbeat (and report its
+routing counts) until stopped. A heartbeat reply may name new bundles (installed in the
+background) or say the coordinator no longer knows the node (it restarted from an empty
+registry): the node registers again, announcing what it holds.
+
+``NodeHost`` runs any number of such virtual nodes in one process (issue 8). What they share is
+what is frozen: decoded bundle weights (one copy per bundle sha256, ``node.assembly.WeightStore``)
+and one channel to the coordinator. What each keeps for itself: its gRPC server and port, its
+adapters, its expert mask, its routing counts and its byte counters (counted per node on the
+shared channel by ``node.counting.CountingChannel``), so per-node figures stay exact.
+
+``NodeActor = ray.remote(NodeHost)``: the methods are coroutines, so Ray runs them on the actor's
+event loop, where the grpc.aio servers live. sim.run calls, through Ray::
+
+    actor = NodeActor.remote()                                   # or .options(num_cpus=...)
+    infos = ray.get(actor.start.remote(coordinator_address, specs, node_token, tls_root_cert))
+    ray.get(actor.status.remote()); ray.get(actor.stop.remote())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import ray
+import torch
+
+from proto import federation_pb2 as pb
+from proto import federation_pb2_grpc as rpc
+
+from .adapters import ID_RE
+from .assembly import WeightStore
+from .counting import ByteCounter, CountingChannel
+from .fetch import FetchPolicy
+from .runtime import ControlLink, NodeError, NodeLimits, VirtualNode
+from .server import NodeServer, bearer_metadata, start_node_server
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+DEFAULT_HEARTBEAT_MS = 2000
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 * 1024 * 1024),
+                   ("grpc.max_send_message_length", 8 * 1024 * 1024)]
+
+
+class SpecError(ValueError):
+    """A node spec handed to ``NodeHost.start`` is malformed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSpec:
+    """One virtual node to start: its id, model, bundles, users and link profile.
+
+    ``bundles`` entries are names, or dicts with ``name`` and optionally ``size``, ``sha256``
+    (hex string or 32 bytes), ``model``, ``codec``. The node installs these plus whatever the
+    coordinator's Register reply lists; likewise for ``users``. ``link`` is the network model's
+    profile name, kept and echoed back (virtual time is sim's business, not the node's).
+    """
+
+    node_id: str
+    bundles: tuple[pb.BundleRef, ...] = ()
+    users: tuple[str, ...] = ()
+    model: str = "base"
+    codec: str = ""
+    link: str = ""
+
+    @staticmethod
+    def from_dict(d: dict) -> "NodeSpec":
+        """Validate a spec dict; SpecError names the key at fault."""
+        if not isinstance(d, dict):
+            raise SpecError(f"a node spec must be a dict, got {type(d).__name__}")
+        known = {"node_id", "bundles", "users", "model", "codec", "link"}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise SpecError(f"node spec: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
+        node_id = d.get("node_id")
+        if not isinstance(node_id, str) or not ID_RE.match(node_id):
+            raise SpecError(f"node spec: node_id {node_id!r} is not a valid id")
+        users = d.get("users", [])
+        if not isinstance(users, (list, tuple)) or not all(isinstance(u, str) and ID_RE.match(u) for u in users):
+            raise SpecError(f"node spec {node_id}: users must be a list of valid ids")
+        for key in ("model", "codec", "link"):
+            if not isinstance(d.get(key, ""), str):
+                raise SpecError(f"node spec {node_id}: {key} must be a string")
+        bundles = d.get("bundles", [])
+        if not isinstance(bundles, (list, tuple)):
+            raise SpecError(f"node spec {node_id}: bundles must be a list")
+        return NodeSpec(node_id=node_id, bundles=tuple(_bundle_ref(node_id, b) for b in bundles),
+                        users=tuple(users), model=d.get("model", "base") or "base", codec=d.get("codec", ""),
+                        link=d.get("link", ""))
+
+
+def _bundle_ref(node_id: str, b: Any) -> pb.BundleRef:
+    if isinstance(b, str):
+        return pb.BundleRef(name=b)
+    if isinstance(b, pb.BundleRef):
+        return b
+    if not isinstance(b, dict) or not isinstance(b.get("name"), str):
+        raise SpecError(f"node spec {node_id}: a bundle must be a name or a dict with a name, got {b!r:.80}")
+    sha = b.get("sha256", b"")
+    if isinstance(sha, str):
+        try:
+            sha = bytes.fromhex(sha)
+        except ValueError:
+            raise SpecError(f"node spec {node_id}: bundle {b['name']!r} sha256 is not hex") from None
+    if sha and len(sha) != 32:
+        raise SpecError(f"node spec {node_id}: bundle {b['name']!r} sha256 must be 32 bytes")
+    return pb.BundleRef(name=b["name"], size=int(b.get("size", 0)), sha256=sha,
+                        model=str(b.get("model", "")), codec=str(b.get("codec", "")))
+
+
+@dataclass
+class HostedNode:
+    """A virtual node with its server and background task."""
+
+    spec: NodeSpec
+    node: VirtualNode
+    server: NodeServer | None = None
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
+    task: asyncio.Task | None = None
+    reported: int = -1  # predictions count at the last ReportRouting
+    errors: list[str] = field(default_factory=list)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class NodeHost:
+    """Hosts many virtual nodes in one process, sharing frozen weights (see the module docstring)."""
+
+    def __init__(self, *, bind_host: str = "127.0.0.1", limits: NodeLimits | None = None,
+                 fetch_policy: FetchPolicy | None = None, torch_threads: int | None = None,
+                 heartbeats: bool = True) -> None:
+        self.bind_host = bind_host
+        self.limits = limits or NodeLimits()
+        self.fetch_policy = fetch_policy or FetchPolicy()
+        self.heartbeats = heartbeats
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.store = WeightStore()
+        self.nodes: dict[str, HostedNode] = {}
+        self._channel: grpc.aio.Channel | None = None
+        self._coordinator = ""
+        self._token = ""
+
+    # ----------------------------------------------------------------------------- public API
+
+    async def start(self, coordinator_address: str, node_specs: list[dict], node_token: str,
+                    tls_root_cert: bytes | None = None, tls_server_name: str | None = None) -> list[dict]:
+        """Start, register and provision the virtual nodes of ``node_specs``; one result dict each.
+
+        Every node is started concurrently. A node that fails (registration refused, a bundle
+        that does not verify) is reported with ``ok: False`` and its ``error``, and stopped; the
+        others carry on. Raises SpecError before starting anything if a spec is malformed, or a
+        node id is already hosted here. Calling it again adds nodes (same coordinator).
+        """
+        specs = [NodeSpec.from_dict(d) for d in node_specs]
+        ids = [s.node_id for s in specs]
+        dup = sorted({i for i in ids if ids.count(i) > 1 or i in self.nodes})
+        if dup:
+            raise SpecError(f"node id {dup[0]!r} appears twice or is already hosted here")
+        if not node_token:
+            raise SpecError("a node token is needed to register")
+        if self._channel is None:
+            self._coordinator, self._token = coordinator_address, node_token
+            if tls_root_cert:
+                opts = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", tls_server_name)]
+                                          if tls_server_name else [])
+                creds = grpc.ssl_channel_credentials(root_certificates=tls_root_cert)
+                self._channel = grpc.aio.secure_channel(coordinator_address, creds, options=opts)
+            else:
+                self._channel = grpc.aio.insecure_channel(coordinator_address, options=CHANNEL_OPTIONS)
+        elif coordinator_address != self._coordinator:
+            raise SpecError(f"this host already talks to {self._coordinator}, not {coordinator_address}")
+        return list(await asyncio.gather(*(self._start_one(s) for s in specs)))
+
+    async def status(self) -> dict:
+        """Process memory, what is shared, and every node's summary (bytes by kind included)."""
+        return {
+            "pid": os.getpid(),
+            "rss_bytes": _rss_bytes(),
+            "store": self.store.stats(),
+            "nodes": [h.node.summary() | {"address": h.server.address if h.server else "",
+                                          "link": h.spec.link, "errors": list(h.errors)}
+                      for h in self.nodes.values()],
+        }
+
+    async def stop(self) -> None:
+        """Stop every node: heartbeats, servers, shared weights, the coordinator channel."""
+        for h in list(self.nodes.values()):
+            await self._stop_one(h)
+        self.nodes.clear()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def stop_node(self, node_id: str) -> bool:
+        """Stop one virtual node (a fault without killing the whole actor); True when it was hosted."""
+        h = self.nodes.pop(node_id, None)
+        if h is None:
+            return False
+        await self._stop_one(h)
+        return True
+
+    # ----------------------------------------------------------------------------- one node
+
+    def _control(self, counter: ByteCounter) -> ControlLink:
+        stub = rpc.NodeControlStub(CountingChannel(self._channel, counter))
+        return ControlLink(stub=stub, metadata=bearer_metadata(self._token), policy=self.fetch_policy)
+
+    async def _start_one(self, spec: NodeSpec) -> dict:
+        t0 = time.perf_counter()
+        counter = ByteCounter()
+        node = VirtualNode(spec.node_id, store=self.store, model_name=spec.model, limits=self.limits,
+                           control=self._control(counter), counter=counter)
+        h = self.nodes[spec.node_id] = HostedNode(spec=spec, node=node)
+        result: dict[str, Any] = {"node_id": spec.node_id, "address": "", "ok": False, "error": None,
+                                  "model": spec.model, "link": spec.link}
+        try:
+            h.server = await start_node_server(node, self._token, host=self.bind_host)
+            result["address"] = h.server.address
+            reply = await self._register(h)
+            t_reg = time.perf_counter()
+            refs = _merge_refs(spec.bundles, reply.bundles)
+            if reply.chunk_size and not self.fetch_policy.chunk_size:
+                node.control.policy = dataclasses.replace(self.fetch_policy, chunk_size=reply.chunk_size)
+            install = await node.install(refs) if refs else None
+            t_inst = time.perf_counter()
+            users, failed = await self._load_users(h, list(dict.fromkeys([*spec.users, *reply.user_ids])))
+            await self._heartbeat_once(h)
+            if self.heartbeats:
+                h.task = asyncio.create_task(self._heartbeat_loop(h), name=f"heartbeat-{spec.node_id}")
+            result.update(ok=node.served is not None, users=users, users_failed=failed,
+                          error=None if node.served is not None else "no bundle to install",
+                          install=None if install is None else {
+                              "installed": install.installed, "fetched": install.fetched,
+                              "bytes_fetched": install.bytes_fetched, "resumes": install.resumes,
+                              "refetches": install.refetches, "seconds": round(install.seconds, 4)},
+                          seconds={"register": round(t_reg - t0, 4), "install": round(t_inst - t_reg, 4),
+                                   "total": round(time.perf_counter() - t0, 4)})
+        except (NodeError, grpc.aio.AioRpcError, OSError) as exc:
+            msg = (f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError)
+                   else f"{type(exc).__name__}: {exc}")
+            log.warning("node %s failed to start: %s", spec.node_id, msg)
+            result["error"] = msg
+            self.nodes.pop(spec.node_id, None)
+            await self._stop_one(h)
+        result["bytes"] = counter.as_dict()
+        return result
+
+    async def _register(self, h: HostedNode) -> pb.RegisterReply:
+        node = h.node
+        L, E = node.shape()
+        installed = [pb.BundleRef(name=b.name, size=b.size, sha256=b.sha256, model=b.model, codec=b.codec)
+                     for b in node.bundles]
+        reply = await node.control.stub.Register(
+            pb.RegisterRequest(node_id=node.node_id, address=h.server.address, model=node.model_name,
+                               codec=h.spec.codec, installed=installed, user_ids=node.adapters.user_ids(),
+                               n_blocks=L, n_experts=E, protocol_version=PROTOCOL_VERSION),
+            metadata=node.control.metadata, timeout=node.control.timeout_s)
+        h.heartbeat_ms = reply.heartbeat_interval_ms or DEFAULT_HEARTBEAT_MS
+        return reply
+
+    async def _load_users(self, h: HostedNode, user_ids: list[str]) -> tuple[list[str], dict[str, str]]:
+        failed: dict[str, str] = {}
+        for uid in user_ids:
+            if h.node.adapters.get(uid) is not None:
+                continue  # the coordinator's LoadUser got there first
+            try:
+                await h.node.fetch_user(uid)
+            except NodeError as exc:
+                failed[uid] = f"{exc.code.name}: {exc}"
+        return h.node.adapters.user_ids(), failed
+
+    async def _heartbeat_once(self, h: HostedNode) -> None:
+        node = h.node
+        try:
+            reply = await node.control.stub.Heartbeat(node.heartbeat(), metadata=node.control.metadata,
+                                                      timeout=node.control.timeout_s)
+            if not reply.known:
+                reply_reg = await self._register(h)
+                new = _merge_refs((), reply_reg.bundles)
+                if new:
+                    await node.install(new)
+                await self._load_users(h, list(reply_reg.user_ids))
+            elif reply.bundles:
+                await node.install(list(reply.bundles))
+            if node.predictions != h.reported and node.routing is not None:
+                await node.control.stub.ReportRouting(
+                    pb.RoutingReport(node_id=node.node_id, histogram=node.histogram()),
+                    metadata=node.control.metadata, timeout=node.control.timeout_s)
+                h.reported = node.predictions
+        except (grpc.aio.AioRpcError, NodeError) as exc:
+            # The coordinator may be restarting: keep serving and try again next beat.
+            text = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            h.errors = (h.errors + [text])[-5:]
+
+    async def _heartbeat_loop(self, h: HostedNode) -> None:
+        while True:
+            await asyncio.sleep(h.heartbeat_ms / 1000)
+            await self._heartbeat_once(h)
+
+    async def _stop_one(self, h: HostedNode) -> None:
+        if h.task is not None:
+            h.task.cancel()
+            try:
+                await h.task
+            except asyncio.CancelledError:
+                pass
+        if h.server is not None:
+            await h.server.stop(0.2)
+        h.node.close()
+
+
+def _merge_refs(spec_refs, reply_refs) -> list[pb.BundleRef]:
+    """The spec's bundles and the coordinator's, one per name (the coordinator's ref wins: it has the sha256)."""
+    out: dict[str, pb.BundleRef] = {r.name: r for r in spec_refs}
+    for r in reply_refs:
+        out[r.name] = r
+    return list(out.values())
+
+
+NodeActor = ray.remote(NodeHost)

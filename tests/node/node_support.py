@@ -1,0 +1,161 @@
+"""Helpers for the node tests: tiny models, decoded bundles, a fake coordinator (NodeControl).
+
+The fake coordinator is a real grpc.aio server serving NodeControl from bundles and adapters held
+in memory, with faults to inject: a stream cut after some chunks, a chunk corrupted in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from model.config import PRESETS
+from model.fractal_moe import FractalMoE, build_model, is_norm_param
+from node.assembly import DecodedBundle
+from proto import federation_pb2 as pb
+from proto import federation_pb2_grpc as rpc
+
+TOKEN = "node-token-for-tests"
+META = (("authorization", f"Bearer {TOKEN}"),)
+TINY = PRESETS["tiny"].model
+
+
+def tiny_model(seed: int = 0) -> FractalMoE:
+    """A random tiny model whose norms are not the identity and whose routers are sharp enough
+    that tokens spread over many experts (so masks, adapters and routes all matter)."""
+    m = build_model(TINY, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if is_norm_param(name):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("router.weight"):
+                p.mul_(20.0)
+    return m.eval()
+
+
+def random_adapter(model: FractalMoE, seed: int) -> dict[str, torch.Tensor]:
+    """A norm-only adapter that moves the norms far enough to change every prediction."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: (p.detach() + 0.5 * torch.randn(p.shape, generator=g)).half().float()
+            for n, p in model.named_parameters() if is_norm_param(n)}
+
+
+def decoded(name: str, model: FractalMoE, keep=lambda n: True) -> DecodedBundle:
+    """A DecodedBundle of ``model``'s tensors that ``keep(name)`` selects (no wire format involved)."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if keep(k)}
+    sha = hashlib.sha256(name.encode() + b"".join(t.numpy().tobytes() for t in tensors.values())).digest()
+    return DecodedBundle(name=name, sha256=sha, size=0, meta={}, config=model.cfg, tensors=tensors)
+
+
+def log_softmax_next(model: FractalMoE, ids: list[int], adapter: dict | None = None) -> torch.Tensor:
+    """Independent reference: log p(x_{i+1} | x_0..x_i) from one forward pass (ids within the context)."""
+    m = model
+    if adapter:
+        m = build_model(model.cfg, 0)
+        m.load_state_dict(model.state_dict())
+        m.load_state_dict(adapter, strict=False)
+    with torch.no_grad():
+        logits = m.eval()(torch.tensor([ids])).logits[0].double()  # (n, V)
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+@dataclass
+class Faults:
+    """Faults the fake coordinator injects into FetchBundle streams of one bundle."""
+
+    cut_after_chunks: int | None = None  # abort with UNAVAILABLE after this many chunks...
+    cuts: int = 0  # ...this many times
+    corrupt_chunk: int | None = None  # flip a byte of this chunk (index in the stream)...
+    corruptions: int = 0  # ...this many times
+
+
+@dataclass
+class FakeCoordinator(rpc.NodeControlServicer):
+    """NodeControl from memory, checking the node token; records every call it gets."""
+
+    bundles: dict[str, bytes] = field(default_factory=dict)
+    adapters: dict[str, bytes] = field(default_factory=dict)
+    assign: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)  # node -> (bundles, users)
+    faults: dict[str, Faults] = field(default_factory=dict)
+    chunk_size: int = 4096
+    fetches: list[tuple[str, str, int]] = field(default_factory=list)  # (node, bundle, offset)
+    registered: dict[str, pb.RegisterRequest] = field(default_factory=dict)
+    heartbeats: list[pb.HeartbeatRequest] = field(default_factory=list)
+    reports: list[pb.RoutingReport] = field(default_factory=list)
+    bundle_bytes_sent: dict[str, int] = field(default_factory=dict)  # node -> chunk data bytes
+    forget_nodes: bool = False  # answer heartbeats with known=False
+
+    def ref(self, name: str) -> pb.BundleRef:
+        data = self.bundles[name]
+        return pb.BundleRef(name=name, size=len(data), sha256=hashlib.sha256(data).digest())
+
+    async def _auth(self, context) -> None:
+        md = dict(context.invocation_metadata())
+        if not hmac.compare_digest(md.get("authorization", ""), f"Bearer {TOKEN}"):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad node token")
+
+    async def Register(self, request, context):
+        await self._auth(context)
+        self.registered[request.node_id] = request
+        names, users = self.assign.get(request.node_id, ([], []))
+        return pb.RegisterReply(node_id=request.node_id, heartbeat_interval_ms=200,
+                                bundles=[self.ref(n) for n in names], user_ids=users, chunk_size=self.chunk_size)
+
+    async def Heartbeat(self, request, context):
+        await self._auth(context)
+        self.heartbeats.append(request)
+        return pb.HeartbeatReply(known=not self.forget_nodes and request.node_id in self.registered)
+
+    async def ReportRouting(self, request, context):
+        await self._auth(context)
+        self.reports.append(request)
+        return pb.RoutingReportReply()
+
+    async def FetchAdapter(self, request, context):
+        await self._auth(context)
+        data = self.adapters.get(request.user_id)
+        if data is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no adapter for {request.user_id!r}")
+        return pb.Adapter(user_id=request.user_id, format="safetensors", data=data,
+                          sha256=hashlib.sha256(data).digest())
+
+    async def FetchBundle(self, request, context):
+        await self._auth(context)
+        data = self.bundles.get(request.name)
+        if data is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no bundle {request.name!r}")
+        sha = hashlib.sha256(data).digest()
+        if request.expected_sha256 and request.expected_sha256 != sha:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "bundle replaced")
+        if request.offset > len(data):
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, "offset past the end")
+        self.fetches.append((request.node_id, request.name, request.offset))
+        f = self.faults.get(request.name, Faults())
+        size = request.chunk_size or self.chunk_size
+        for i, at in enumerate(range(request.offset, len(data), size)):
+            if f.cut_after_chunks is not None and f.cuts > 0 and i == f.cut_after_chunks:
+                f.cuts -= 1
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "stream cut (injected)")
+            piece = bytearray(data[at:at + size])
+            if f.corrupt_chunk == i and f.corruptions > 0:
+                f.corruptions -= 1
+                piece[len(piece) // 2] ^= 0xFF
+            self.bundle_bytes_sent[request.node_id] = self.bundle_bytes_sent.get(request.node_id, 0) + len(piece)
+            yield pb.BundleChunk(name=request.name, offset=at, data=bytes(piece), total_size=len(data), sha256=sha)
+            await asyncio.sleep(0)
+
+
+async def serve_fake(coord: FakeCoordinator) -> tuple[grpc.aio.Server, str]:
+    """Start ``coord`` on a loopback port; returns the server and its address."""
+    server = grpc.aio.server()
+    rpc.add_NodeControlServicer_to_server(coord, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
