@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+BUNDLE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class RequestError(Exception):
@@ -45,14 +45,14 @@ def check_id(value: str, what: str, *, allow_empty: bool = False) -> str:
         return value
     if not value:
         raise invalid(f"{what} is empty")
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         raise invalid(f"{what} {_show(value)} is not a valid id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})")
     return value
 
 
 def check_bundle_name(name: str) -> str:
     """``name`` if it is a valid bundle name (never a path), else INVALID_ARGUMENT."""
-    if not BUNDLE_NAME_RE.match(name or ""):
+    if not BUNDLE_NAME_RE.fullmatch(name or ""):
         raise invalid(f"bundle name {_show(name)} is not valid ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})")
     return name
 

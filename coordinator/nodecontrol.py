@@ -14,7 +14,7 @@ from .core import Core, handles_errors, handles_stream_errors
 from .limits import RequestError, check_bundle_name, check_enum, check_id, check_int, invalid
 
 PROTOCOL_VERSION = 1
-_ADDRESS_RE = re.compile(r"^[A-Za-z0-9._\-\[\]:]{1,253}:(\d{1,5})$")
+_ADDRESS_RE = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,253}:(\d{1,5})")
 _MIN_CHUNK = 4096
 _MAX_SHAPE = 1024
 _MAX_LIST = 100_000
@@ -22,7 +22,7 @@ _MAX_MASK_BYTES = _MAX_SHAPE * _MAX_SHAPE // 8
 
 
 def _check_address(address: str) -> str:
-    m = _ADDRESS_RE.match(address or "")
+    m = _ADDRESS_RE.fullmatch(address or "")
     if not m or not 1 <= int(m.group(1)) <= 65535:
         raise invalid(f"address {address[:60]!r} is not host:port")
     return address

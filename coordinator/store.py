@@ -53,7 +53,7 @@ class BundleMeta:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not BUNDLE_NAME_RE.match(name):
+    if not isinstance(name, str) or not BUNDLE_NAME_RE.fullmatch(name):
         raise BundleNameError(f"bundle name {name!r:.60} is not valid ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})")
     return name
 
@@ -198,7 +198,7 @@ class BundleStore:
     def list(self) -> list[BundleMeta]:
         """Every bundle in the store, by name."""
         names = sorted(p.name[: -len(".bundle")] for p in self.root.glob("*.bundle"))
-        return [self.get(n) for n in names if BUNDLE_NAME_RE.match(n)]
+        return [self.get(n) for n in names if BUNDLE_NAME_RE.fullmatch(n)]
 
     def delete(self, name: str) -> bool:
         """Remove a bundle; False when absent."""
