@@ -25,7 +25,7 @@ from proto import federation_pb2_grpc as rpc
 _MODES = {"uniform": pb.MIXTURE_MODE_UNIFORM, "posterior": pb.MIXTURE_MODE_POSTERIOR}
 _STATES = {"healthy": pb.NODE_STATE_HEALTHY, "draining": pb.NODE_STATE_DRAINING, "down": pb.NODE_STATE_DOWN,
            "registered": pb.NODE_STATE_REGISTERED}
-_UPLOAD_CHUNK = 256 * 1024
+_UPLOAD_CHUNK = 64 * 1024  # well under any sane message limit
 
 
 class UsageError(ValueError):
