@@ -80,7 +80,8 @@ class NodeControlService(rpc.NodeControlServicer):
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         self.core.auth.node(context.invocation_metadata())
         node_id = check_id(request.node_id, "node_id")
-        check_enum(request.state, "state", (pb.NODE_STATE_REGISTERED, pb.NODE_STATE_HEALTHY))
+        check_enum(request.state, "state", (pb.NODE_STATE_REGISTERED, pb.NODE_STATE_HEALTHY, pb.NODE_STATE_DRAINING,
+                                            pb.NODE_STATE_DOWN))
         bundles = _check_names(request.bundles, "bundles")
         held = _check_ids(request.user_ids, "user_ids")
         check_int(len(request.expert_mask), "expert_mask bytes", 0, _MAX_MASK_BYTES)
@@ -88,8 +89,9 @@ class NodeControlService(rpc.NodeControlServicer):
         if node is None:
             reply = pb.HeartbeatReply(known=False)
         else:
-            # An admin's DRAINING outlives heartbeats; DOWN (missed heartbeats, failed calls) does not.
-            state = pb.NODE_STATE_DRAINING if node.state == pb.NODE_STATE_DRAINING else request.state
+            # An admin's DRAINING outlives HEALTHY heartbeats; DOWN (missed heartbeats, failed calls) does not.
+            draining = node.state == pb.NODE_STATE_DRAINING and request.state == pb.NODE_STATE_HEALTHY
+            state = pb.NODE_STATE_DRAINING if draining else request.state
             self.core.registry.heartbeat(node_id=node_id, state=state, bundles=bundles, held_users=held,
                                          expert_mask=request.expert_mask, inflight=request.inflight)
             reply = pb.HeartbeatReply(known=True, bundles=self.core.bundles_for(node.model, node.codec, bundles))

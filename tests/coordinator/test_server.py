@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from coordinator_harness import (ADMIN, NODE, Federation, adapted_table, bigram_table, encode, expected_logps,
+from coordinator_harness import (ADMIN, NODE, adapted_table, bigram_table, encode, expected_logps, start_fake_node,
                                  federation, make_adapter, make_config, meta, run, start_coordinator)
 from coordinator.server import serve
 from proto import federation_pb2 as pb
@@ -472,4 +472,53 @@ def test_tls_end_to_end(tmp_path):
                                                                     timeout=2)) == grpc.StatusCode.UNAVAILABLE
         finally:
             await handle.stop()
+    run(go())
+
+
+def test_node_lifecycle_heartbeats_and_watchdog(tmp_path):
+    async def go():
+        fed = await federation(tmp_path, heartbeat_interval_ms=100, missed_heartbeats=3)
+        try:
+            node = await start_fake_node(fed.coordinator.address, "n1", seed=1, heartbeat=False)
+            fed.nodes["n1"] = node
+            fed.stub  # opens the shared channel
+            control = rpc.NodeControlStub(fed.channel)
+            registry = fed.coordinator.registry
+            score = pb.ScoreRequest(text=TEXT)
+            assert registry.get_node("n1").state == pb.NODE_STATE_REGISTERED
+            assert await _code(fed.stub.Score(score, metadata=meta(ADMIN))) == grpc.StatusCode.UNAVAILABLE
+
+            async def beat(state):
+                return await control.Heartbeat(pb.HeartbeatRequest(node_id="n1", state=state, inflight=2,
+                                                                   expert_mask=b"\xff\x0f"), metadata=meta(NODE))
+            assert (await beat(pb.NODE_STATE_HEALTHY)).known
+            assert await _code(fed.stub.Score(score, metadata=meta(ADMIN))) == grpc.StatusCode.OK
+            info = (await fed.stub.ListNodes(pb.ListNodesRequest(), metadata=meta(ADMIN))).nodes[0]
+            assert (info.state, info.inflight, info.expert_mask, info.address) == (
+                pb.NODE_STATE_HEALTHY, 2, b"\xff\x0f", node.address)
+            await fed.stub.SetNodeState(pb.SetNodeStateRequest(node_id="n1", state=pb.NODE_STATE_DRAINING),
+                                        metadata=meta(ADMIN))
+            await beat(pb.NODE_STATE_HEALTHY)
+            assert registry.get_node("n1").state == pb.NODE_STATE_DRAINING  # the admin's drain holds
+            await beat(pb.NODE_STATE_DOWN)
+            assert registry.get_node("n1").state == pb.NODE_STATE_DOWN  # a closing node says so
+            await fed.stub.SetNodeState(pb.SetNodeStateRequest(node_id="n1", state=pb.NODE_STATE_HEALTHY),
+                                        metadata=meta(ADMIN))
+            await beat(pb.NODE_STATE_HEALTHY)
+            await asyncio.sleep(0.6)  # silence: 3 missed intervals of 100 ms, checked every 100 ms
+            assert registry.get_node("n1").state == pb.NODE_STATE_DOWN
+            await beat(pb.NODE_STATE_HEALTHY)
+            assert registry.get_node("n1").state == pb.NODE_STATE_HEALTHY
+            ghost = await control.Heartbeat(pb.HeartbeatRequest(node_id="ghost", state=pb.NODE_STATE_HEALTHY),
+                                            metadata=meta(NODE))
+            assert not ghost.known
+            bad = pb.RoutingReport(node_id="n1", histogram=pb.RoutingHistogram(n_blocks=2, n_experts=16, counts=[1]))
+            assert await _code(control.ReportRouting(bad, metadata=meta(NODE))) == grpc.StatusCode.INVALID_ARGUMENT
+            good = pb.RoutingReport(node_id="n1", histogram=pb.RoutingHistogram(
+                n_blocks=2, n_experts=16, counts=list(range(32)), tokens=16))
+            await control.ReportRouting(good, metadata=meta(NODE))
+            routing = await fed.stub.GetRoutingStats(pb.GetRoutingStatsRequest(), metadata=meta(ADMIN))
+            assert list(routing.total.counts) == list(range(32)) and routing.total.tokens == 16
+        finally:
+            await fed.close()
     run(go())
