@@ -87,6 +87,8 @@ LINK_PRESETS: dict[str, LinkProfile] = {
 }
 
 _LINK_KEYS = tuple(f.name for f in dataclasses.fields(LinkProfile))
+# Friendlier spellings a scenario may use instead: key -> (field, factor to the field's unit)
+_LINK_UNITS = {"down_mbps": ("down_bps", MBIT), "up_mbps": ("up_bps", MBIT), "rtt_ms": ("rtt_s", 1e-3)}
 
 
 def get_link(name: str) -> LinkProfile:
@@ -98,39 +100,69 @@ def get_link(name: str) -> LinkProfile:
 
 
 def link_from_dict(spec: Mapping[str, Any], *, where: str = "link") -> LinkProfile:
-    """A link profile from a scenario table: ``down_bps``, ``up_bps``, ``rtt_s``, optionally over a ``preset``.
+    """A link profile from a scenario table, optionally over a ``preset`` whose values it overrides.
 
-    ``{"preset": "4g", "rtt_s": 0.2}`` is 4G with a longer RTT; without ``preset`` all three keys are required.
-    ``where`` names the table in error messages (e.g. ``"nodes.school-3.link"``).
+    Keys: ``down_bps``, ``up_bps``, ``rtt_s``, or the same in ``down_mbps``, ``up_mbps``, ``rtt_ms``.
+    ``{"preset": "4g", "rtt_ms": 200}`` is 4G with a longer RTT; without ``preset`` all three are required.
+    ``where`` names the table in error messages (e.g. ``"network.profiles.village"``).
     """
     if not isinstance(spec, Mapping):
         raise NetworkError(f"{where}: expected a table of {', '.join(_LINK_KEYS)}, got {type(spec).__name__}")
-    unknown = sorted(set(spec) - set(_LINK_KEYS) - {"preset"})
+    known = {"preset", *_LINK_KEYS, *_LINK_UNITS}
+    unknown = sorted(k for k in spec if k not in known)
     if unknown:
-        raise NetworkError(f"{where}: unknown key {unknown[0]!r}; expected preset, {', '.join(_LINK_KEYS)}")
+        raise NetworkError(f"{where}: unknown key {unknown[0]!r}; expected preset, {', '.join(_LINK_KEYS)} "
+                           f"(or {', '.join(_LINK_UNITS)})")
+    values: dict[str, Any] = {}
+    for key, value in spec.items():
+        if key == "preset":
+            continue
+        field_name, factor = _LINK_UNITS.get(key, (key, 1))
+        if field_name in values:
+            raise NetworkError(f"{where}: {key!r} sets {field_name} a second time")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise NetworkError(f"{where}.{key}: expected a number, got {value!r}")
+        values[field_name] = value * factor
     if "preset" in spec:
         if not isinstance(spec["preset"], str):
             raise NetworkError(f"{where}.preset: expected a preset name, got {spec['preset']!r}")
-        base = dataclasses.asdict(get_link(spec["preset"]))
-    else:
-        missing = [k for k in _LINK_KEYS if k not in spec]
-        if missing:
-            raise NetworkError(f"{where}: missing key {missing[0]!r} (or give a preset)")
-        base = {}
-    values = {**base, **{k: v for k, v in spec.items() if k != "preset"}}
+        values = {**dataclasses.asdict(get_link(spec["preset"])), **values}
+    missing = [k for k in _LINK_KEYS if k not in values]
+    if missing:
+        raise NetworkError(f"{where}: missing key {missing[0]!r} (or give a preset)")
     try:
         return LinkProfile(**values)
     except NetworkError as e:
-        raise NetworkError(f"{where}.{e}") from None
+        raise NetworkError(f"{where}: {e}") from None
 
 
-def resolve_link(spec: str | Mapping[str, Any] | LinkProfile, *, where: str = "link") -> LinkProfile:
-    """A LinkProfile from a preset name, a scenario table or a LinkProfile."""
+def resolve_link(spec: str | Mapping[str, Any] | LinkProfile, *, where: str = "link",
+                 profiles: Mapping[str, Mapping[str, Any]] | None = None) -> LinkProfile:
+    """A LinkProfile from a name (a custom profile in ``profiles``, else a preset), a table, or a LinkProfile."""
     if isinstance(spec, LinkProfile):
         return spec
     if isinstance(spec, str):
+        if profiles and spec in profiles:
+            return link_from_dict(profiles[spec], where=f"profiles.{spec}")
         return get_link(spec)
     return link_from_dict(spec, where=where)
+
+
+def assign_links(n_nodes: int, *, default: str, ranges: Mapping[str, str] | None = None,
+                 profiles: Mapping[str, Mapping[str, Any]] | None = None) -> list[LinkProfile]:
+    """Each node's link, by index: ``default`` unless a ``ranges`` key ("3" or "0-7", inclusive) names
+    another profile. Names are custom ``profiles`` (tables for ``link_from_dict``) or presets; later
+    ranges win where ranges overlap."""
+    links = [resolve_link(default, where="default", profiles=profiles)] * n_nodes
+    for key, name in (ranges or {}).items():
+        lo, dash, hi = key.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise NetworkError(f"links.{key}: expected a node index like \"3\" or a range like \"0-7\"")
+        first, last = int(lo), int(hi) if dash else int(lo)
+        if not first <= last < n_nodes:
+            raise NetworkError(f"links.{key}: nodes {first}..{last} are not all among the {n_nodes} nodes")
+        links[first:last + 1] = [resolve_link(name, where=f"links.{key}", profiles=profiles)] * (last - first + 1)
+    return links
 
 
 class VirtualClock:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.network import (COORDINATOR, LINK_PRESETS, LinkProfile, NetworkError, TransferSimulator, VirtualClock,
-                         expert_arrivals, get_link, link_from_dict, max_min_rates, resolve_link,
+                         assign_links, expert_arrivals, get_link, link_from_dict, max_min_rates, resolve_link,
                          simulate_transfers, write_events)
 
 MB = 1_000_000  # bytes
@@ -162,12 +162,30 @@ def test_link_from_dict_names_the_bad_key():
         link_from_dict({"dwn_bps": 1e6, "up_bps": 1e6, "rtt_s": 0.0}, where="nodes.a.link")
     with pytest.raises(NetworkError, match="missing key 'rtt_s'"):
         link_from_dict({"down_bps": 1e6, "up_bps": 1e6})
-    with pytest.raises(NetworkError, match=r"nodes\.a\.link\.rtt_s"):
+    with pytest.raises(NetworkError, match=r"nodes\.a\.link: rtt_s must be"):
         link_from_dict({"preset": "4g", "rtt_s": -1}, where="nodes.a.link")
-    with pytest.raises(NetworkError, match="up_bps"):
+    with pytest.raises(NetworkError, match=r"link\.up_bps: expected a number"):
         link_from_dict({"preset": "4g", "up_bps": "fast"})
+    # the scenario's spelling in Mbit/s and ms
+    assert link_from_dict({"down_mbps": 8, "up_mbps": 0.8, "rtt_ms": 60}) == get_link("school-adsl")
+    with pytest.raises(NetworkError, match="'rtt_ms' sets rtt_s a second time"):
+        link_from_dict({"preset": "4g", "rtt_s": 0.1, "rtt_ms": 100})
     with pytest.raises(NetworkError, match="unknown link preset 'dialup'"):
         resolve_link("dialup")
+
+
+def test_assign_links_by_index_ranges_and_custom_profiles():
+    village = {"down_mbps": 2, "up_mbps": 0.5, "rtt_ms": 120}
+    links = assign_links(6, default="school-adsl", ranges={"0-1": "fibre", "4": "village"},
+                         profiles={"village": village})
+    assert links == [get_link("fibre")] * 2 + [get_link("school-adsl")] * 2 + [
+        link_from_dict(village), get_link("school-adsl")]
+    with pytest.raises(NetworkError, match="links.5-9: nodes 5..9"):
+        assign_links(6, default="fibre", ranges={"5-9": "4g"})
+    with pytest.raises(NetworkError, match="unknown link preset 'moon'"):
+        assign_links(2, default="fibre", ranges={"1": "moon"})
+    with pytest.raises(NetworkError, match="profiles.bad: unknown key 'speed'"):
+        assign_links(2, default="bad", profiles={"bad": {"speed": 1}})
 
 
 def test_bad_inputs_raise_named_errors():
