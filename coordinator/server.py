@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from tokenizers import Tokenizer
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
@@ -32,7 +33,7 @@ from .limits import GuardInterceptor, server_options
 from .nodecontrol import NodeControlService
 from .registry import Registry, now_ms
 from .store import BundleStore
-from .tokens import TokenCodec, load_token_codec
+from .tokens import HFTokenCodec, TokenCodec, load_token_codec
 from .traffic import Traffic
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,14 @@ async def _every(seconds: float, action) -> None:
             log.exception("periodic task failed")
 
 
-async def serve(config: CoordinatorConfig, *, tokenizer: TokenCodec | None = None) -> CoordinatorHandle:
+async def serve(config: CoordinatorConfig, *, tokenizer: TokenCodec | Tokenizer | None = None) -> CoordinatorHandle:
     """Start a coordinator for ``config`` and return once it is listening.
 
-    ``tokenizer`` (encode/decode/vocab_size/token_id) overrides ``config.tokenizer_path``; with
-    neither, Score and Generate answer FAILED_PRECONDITION.
+    ``tokenizer`` (a ``tokenizers.Tokenizer``, or any object with encode/decode/vocab_size/token_id)
+    overrides ``config.tokenizer_path``; with neither, Score and Generate answer FAILED_PRECONDITION.
     """
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer = HFTokenCodec(tokenizer)
     codec = tokenizer if tokenizer is not None else (
         load_token_codec(config.tokenizer_path) if config.tokenizer_path is not None else None)
     registry = Registry(config.db_path)

@@ -15,8 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from coordinator_harness import (ADMIN, NODE, adapted_table, bigram_table, encode, expected_logps, start_fake_node,
-                                 federation, make_adapter, make_config, meta, run, start_coordinator)
+from coordinator_harness import (ADMIN, NODE, Federation, adapted_table, bigram_table, encode, expected_logps,
+                                 federation, make_adapter, make_config, meta, run, start_coordinator,
+                                 start_fake_node)
 from coordinator.server import serve
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
@@ -521,4 +522,28 @@ def test_node_lifecycle_heartbeats_and_watchdog(tmp_path):
             assert list(routing.total.counts) == list(range(32)) and routing.total.tokens == 16
         finally:
             await fed.close()
+    run(go())
+
+
+def test_tokenizer_injection_and_its_absence(tmp_path):
+    from tokenizers import Tokenizer
+
+    async def go():
+        make_config(tmp_path)  # writes tokenizer.json
+        raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+        handle = await serve(make_config(tmp_path, tokenizer_path=None), tokenizer=raw)
+        fed = Federation(tmp_path, handle)
+        try:
+            await fed.add_node("n1", seed=1)
+            reply = await fed.stub.Score(pb.ScoreRequest(text=TEXT), metadata=meta(ADMIN))
+            assert list(reply.token_ids) == encode(tmp_path, TEXT)[1:]
+        finally:
+            await fed.close()
+        bare = await serve(make_config(tmp_path, tokenizer_path=None, db_path=tmp_path / "other.db"))
+        try:
+            async with grpc.aio.insecure_channel(bare.address) as ch:
+                assert await _code(rpc.FederationStub(ch).Score(pb.ScoreRequest(text=TEXT), metadata=meta(ADMIN))) \
+                    == grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            await bare.stop()
     run(go())

@@ -44,7 +44,8 @@ def test_cut_and_resumed_fetch_is_exact(tmp_path):
     assert b"".join(got) == data
 
 
-@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "", ".hidden", "x" * 129, "a\x00b", "..", "/abs", "é", "ok\n"])
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "", ".hidden", "x" * 129, "a\x00b", "..", "/abs", "é",
+                                  "ok\n"])
 def test_names_that_are_paths_or_odd_are_refused(tmp_path, name):
     store = BundleStore(tmp_path)
     with pytest.raises(BundleNameError):
