@@ -113,6 +113,9 @@ class Core:
         self.clients = NodeClients(traffic, config.node_token, max_message_bytes=config.max_message_bytes)
         self.router = Router(registry, self.install)
         self.bos_id = self._special(config.bos_token)
+        # Prefetch planning hook: given a node (after its heartbeat is recorded), the byte ranges it
+        # should fetch next; sent in HeartbeatReply.prefetch. None ships no prefetch plan.
+        self.prefetch_planner: Callable[[NodeRecord], list[pb.ByteRange]] | None = None
 
     def _special(self, token: str | None) -> int | None:
         if token is None or self.codec is None:

@@ -95,6 +95,9 @@ class NodeControlService(rpc.NodeControlServicer):
             self.core.registry.heartbeat(node_id=node_id, state=state, bundles=bundles, held_users=held,
                                          expert_mask=request.expert_mask, inflight=request.inflight)
             reply = pb.HeartbeatReply(known=True, bundles=self.core.bundles_for(node.model, node.codec, bundles))
+            planner = self.core.prefetch_planner
+            if planner is not None:
+                reply.prefetch.extend(planner(self.core.registry.get_node(node_id)))
         self._count(node_id, request, reply)
         return reply
 

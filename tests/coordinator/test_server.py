@@ -510,6 +510,10 @@ def test_node_lifecycle_heartbeats_and_watchdog(tmp_path):
             assert registry.get_node("n1").state == pb.NODE_STATE_DOWN
             await beat(pb.NODE_STATE_HEALTHY)
             assert registry.get_node("n1").state == pb.NODE_STATE_HEALTHY
+            fed.coordinator.core.prefetch_planner = lambda n: [pb.ByteRange(bundle="base", offset=n.inflight,
+                                                                            length=100)]
+            reply = await beat(pb.NODE_STATE_HEALTHY)
+            assert [(r.bundle, r.offset, r.length) for r in reply.prefetch] == [("base", 2, 100)]
             ghost = await control.Heartbeat(pb.HeartbeatRequest(node_id="ghost", state=pb.NODE_STATE_HEALTHY),
                                             metadata=meta(NODE))
             assert not ghost.known
