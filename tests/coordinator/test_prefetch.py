@@ -85,8 +85,14 @@ def test_next_block_router_applies_block_b_plus_1_router_to_block_b_input():
                   [[0, 1], [1, 0], [0, -1], [-1, 0]]])  # block 1's router: (L=2, E=4, C=2)
     hidden = np.array([[[1, 0], [0, 1], [0, 1]],  # block 0's MoE input on three prompt tokens
                        [[-1, 0], [-1, 0], [-1, 0]]])  # block 1's own input: must not be used for block 1
-    got = NextBlockRouter(router_weights=w).predict(RequestContext(user="x", prompt_hidden=hidden))
-    assert np.allclose(got, [[1 / 3, 2 / 3, 0, 0], [2 / 3, 1 / 3, 0, 0]])
+    ctx = RequestContext(user="x", prompt_hidden=hidden)
+    assert np.allclose(NextBlockRouter(router_weights=w, soft=0).predict(ctx),
+                       [[1 / 3, 2 / 3, 0, 0], [2 / 3, 1 / 3, 0, 0]])
+    # the soft term ranks the experts nobody picked by the router's probabilities: block 1's tokens favour
+    # expert 3 ((0,1) and (1,0) both score -1 or 0 on it) no less than expert 2
+    got = NextBlockRouter(router_weights=w).predict(ctx)
+    assert np.all(got > 0) and np.allclose(got, [[1 / 3, 2 / 3, 0, 0], [2 / 3, 1 / 3, 0, 0]], atol=1e-3)
+    assert np.argsort(-got[0], kind="stable")[:2].tolist() == [1, 0]
 
 
 def test_lru_scores_last_use_and_lfu_ages_counts():
@@ -307,7 +313,8 @@ def test_next_block_router_on_the_model_gets_block_0_exactly(tiny):
     ids = np.random.default_rng(2).integers(0, 384, 32)
     routes, hidden = route_trace(tiny, ids, hidden=True)
     assert hidden.shape == (4, 32, 32) and router_weights(tiny).shape == (4, 16, 32)
-    got = NextBlockRouter(router_weights=router_weights(tiny)).predict(RequestContext(user="x", prompt_hidden=hidden))
+    got = NextBlockRouter(router_weights=router_weights(tiny), soft=0).predict(
+        RequestContext(user="x", prompt_hidden=hidden))
     assert np.allclose(got[0], np.bincount(routes[0], minlength=16) / 32, atol=1e-6)
 
 
