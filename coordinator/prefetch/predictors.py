@@ -324,31 +324,36 @@ class NextBlockRouter(_Base):
     The residual stream changes little from one block to the next, so block b's hidden state, fed to the
     next block's router, guesses that block's expert before block b has finished. Block 0's MoE input
     depends on no expert (embedding and attention only), so its own router gives block 0 exactly.
-    Scores are the share of prompt tokens whose speculated expert is each one.
+    Scores are the share of prompt tokens whose speculated expert is each one, plus ``soft`` times the
+    router's mean probability, which ranks the experts no prompt token picked (so a generous budget still
+    ships them) without reordering the ones that were picked.
     """
 
     name = "next-block"
     runs_on = "node"
     plans_at = "request"
 
-    def __init__(self, *, router_weights: np.ndarray) -> None:
+    def __init__(self, *, router_weights: np.ndarray, soft: float = 1e-3) -> None:
         w = np.asarray(router_weights, dtype=np.float64)
         if w.ndim != 3:
             raise PredictorError(f"router_weights must be (L, E, C), got shape {w.shape}")
         super().__init__(n_layers=w.shape[0], n_experts=w.shape[1])
         self.router_weights = w  # (L, E, C)
+        self.soft = _positive("soft", soft, allow_zero=True)
 
     def predict(self, context: RequestContext) -> np.ndarray:
-        """Share of prompt tokens speculated to go to each expert, (L, E)."""
+        """Share of prompt tokens speculated to go to each expert (+ soft * mean router probability), (L, E)."""
         if context.prompt_hidden is None:
             raise PredictorError(f"{self.name}: needs prompt_hidden, which this context does not carry")
         h = np.asarray(context.prompt_hidden, dtype=np.float64)  # (L, P, C)
         L, E, C = self.router_weights.shape
-        if h.ndim != 3 or h.shape[0] != L or h.shape[2] != C:
-            raise PredictorError(f"{self.name}: prompt_hidden must be (L={L}, P, C={C}), got {h.shape}")
+        if h.ndim != 3 or h.shape[0] != L or h.shape[2] != C or h.shape[1] == 0:
+            raise PredictorError(f"{self.name}: prompt_hidden must be (L={L}, P>0, C={C}), got {h.shape}")
         source = np.concatenate([h[:1], h[:-1]])  # (L, P, C): block b reads block b-1's input; block 0 its own
         logits = np.einsum("lpc,lec->lpe", source, self.router_weights)  # (L, P, E)
-        return _normalise(route_counts(logits.argmax(axis=-1), E))
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)  # (L, P, E)
+        return _normalise(route_counts(logits.argmax(axis=-1), E)) + self.soft * probs.mean(axis=1)
 
 
 class Oracle(_Base):

@@ -88,11 +88,12 @@ def test_next_block_router_applies_block_b_plus_1_router_to_block_b_input():
     ctx = RequestContext(user="x", prompt_hidden=hidden)
     assert np.allclose(NextBlockRouter(router_weights=w, soft=0).predict(ctx),
                        [[1 / 3, 2 / 3, 0, 0], [2 / 3, 1 / 3, 0, 0]])
-    # the soft term ranks the experts nobody picked by the router's probabilities: block 1's tokens favour
-    # expert 3 ((0,1) and (1,0) both score -1 or 0 on it) no less than expert 2
-    got = NextBlockRouter(router_weights=w).predict(ctx)
-    assert np.all(got > 0) and np.allclose(got, [[1 / 3, 2 / 3, 0, 0], [2 / 3, 1 / 3, 0, 0]], atol=1e-3)
-    assert np.argsort(-got[0], kind="stable")[:2].tolist() == [1, 0]
+    # the soft term: block 0's logits are (1,0,-1,0) for token (1,0) and (0,1,0,-1) for (0,1)
+    e = math.e
+    pa, pb = np.array([e, 1, 1 / e, 1]) / (e + 2 + 1 / e), np.array([1, e, 1, 1 / e]) / (e + 2 + 1 / e)
+    got = NextBlockRouter(router_weights=w, soft=0.01).predict(ctx)
+    assert np.allclose(got[0], [1 / 3, 2 / 3, 0, 0] + 0.01 * (pa + 2 * pb) / 3)
+    assert got[0, 2] > got[0, 3] > 0  # experts no token picked are still ranked, and shipped if there is room
 
 
 def test_lru_scores_last_use_and_lfu_ages_counts():
