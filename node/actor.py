@@ -35,6 +35,7 @@ import grpc
 import ray
 import torch
 
+from model.codecs import CODECS
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 
@@ -150,7 +151,7 @@ class NodeHost:
                  heartbeats: bool = True) -> None:
         self.bind_host = bind_host
         self.limits = limits or NodeLimits()
-        self.fetch_policy = fetch_policy or FetchPolicy()
+        self.fetch_policy = fetch_policy or FetchPolicy(allowed_codecs=CODECS)
         self.heartbeats = heartbeats
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -257,7 +258,7 @@ class NodeHost:
                                    "total": round(time.perf_counter() - t0, 4)})
         except (NodeError, grpc.aio.AioRpcError, OSError) as exc:
             msg = (f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError)
-                   else f"{type(exc).__name__}: {exc}")
+                   else f"{exc.code.name}: {exc}" if isinstance(exc, NodeError) else f"{type(exc).__name__}: {exc}")
             log.warning("node %s failed to start: %s", spec.node_id, msg)
             result["error"] = msg
             self.nodes.pop(spec.node_id, None)

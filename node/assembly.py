@@ -20,14 +20,17 @@ state.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
-from model.config import ConfigError, ModelConfig
+from model.codecs import CODECS, CodecError, decode_tensor
+from model.config import ConfigError, ModelConfig, get_preset
 from model.fractal_moe import FractalMoE, expert_of, is_norm_param
+from proto.bundle import Bundle, BundleError, read_bundle_verified
 
 T = TypeVar("T")
 
@@ -56,14 +59,22 @@ class DecodedBundle:
 
 
 def config_from_meta(meta: dict) -> ModelConfig:
-    """The ModelConfig a bundle's metadata carries under ``model_config``."""
-    d = meta.get("model_config") if isinstance(meta, dict) else None
-    if not isinstance(d, dict):
-        raise AssemblyError("bundle metadata has no model_config object")
-    try:
-        return ModelConfig(**d)
-    except (TypeError, ConfigError) as exc:
-        raise AssemblyError(f"bundle model_config is invalid: {exc}") from None
+    """The ModelConfig a bundle's metadata names: ``model_config`` (a dict of ModelConfig fields,
+    preferred: it survives custom shapes) or else ``preset`` (a name in model.config.PRESETS)."""
+    if not isinstance(meta, dict):
+        raise AssemblyError("bundle metadata is not an object")
+    d = meta.get("model_config")
+    if isinstance(d, dict):
+        try:
+            return ModelConfig(**d)
+        except (TypeError, ConfigError) as exc:
+            raise AssemblyError(f"bundle model_config is invalid: {exc}") from None
+    if isinstance(meta.get("preset"), str):
+        try:
+            return get_preset(meta["preset"]).model
+        except ConfigError as exc:
+            raise AssemblyError(f"bundle preset: {exc}") from None
+    raise AssemblyError("bundle metadata names no model shape (neither model_config nor preset)")
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -290,35 +301,34 @@ def describe(model: ServedModel) -> dict[str, Any]:
     }
 
 
-def decode_bundle(data: bytes, *, name: str, sha256: bytes, model: str = "", codec: str = "") -> DecodedBundle:
-    """Verify and decode a whole bundle's bytes into frozen tensors; AssemblyError on any fault.
+def decode_records(bundle: Bundle, *, name: str, sha256: bytes, size: int, model: str = "",
+                   codec: str = "") -> DecodedBundle:
+    """Decode a verified bundle's tensor records into frozen float32 tensors; AssemblyError on any fault.
 
-    ``proto.bundle`` checks the framing and every per-tensor checksum before returning anything;
-    ``model.codecs`` decodes each tensor; the result is checked against the model shape that the
-    bundle's metadata names, so a bundle for another shape is refused here, before installing.
+    The records' checksums were verified by ``proto.bundle``; ``model.codecs`` decodes each one,
+    and the result is checked against the model shape that the bundle's metadata names
+    (``meta["model_config"]``), so a bundle for another shape is refused before installing.
     """
-    from model.codecs import CodecError, decode_tensor
-    from proto.bundle import BundleError, read_bundle_verified
-
-    try:
-        meta, records = _read_verified(read_bundle_verified, data)
-    except BundleError as exc:
-        raise AssemblyError(f"bundle {name!r}: {exc}") from None
-    cfg = config_from_meta(meta)
+    cfg = config_from_meta(bundle.meta)
     tensors: dict[str, torch.Tensor] = {}
     try:
-        for r in records:
+        for r in bundle.records:
             if r.name in tensors:
                 raise AssemblyError(f"bundle {name!r}: tensor {r.name!r} appears twice")
             tensors[r.name] = decode_tensor(r).requires_grad_(False)
     except CodecError as exc:
         raise AssemblyError(f"bundle {name!r}: {exc}") from None
     check_tensors(cfg, tensors, bundle=name)
-    return DecodedBundle(name=name, sha256=sha256, size=len(data), meta=meta, config=cfg, tensors=tensors,
+    meta = bundle.meta
+    return DecodedBundle(name=name, sha256=sha256, size=size, meta=dict(meta), config=cfg, tensors=tensors,
                          model=model or str(meta.get("model", "base")), codec=codec or str(meta.get("codec", "")))
 
 
-def _read_verified(reader: Callable, data: bytes) -> tuple[dict, list]:
-    """(bundle metadata, tensor records) from proto.bundle's verified reader (adapter: see below)."""
-    out = reader([data])
-    return out.meta, list(out.records)
+def decode_bundle(data: bytes, *, name: str, model: str = "", codec: str = "") -> DecodedBundle:
+    """Verify (all or nothing) and decode a whole bundle held in memory; AssemblyError on any fault."""
+    try:
+        bundle = read_bundle_verified([data], allowed_codecs=CODECS)
+    except BundleError as exc:
+        raise AssemblyError(f"bundle {name!r}: {exc}") from None
+    return decode_records(bundle, name=name, sha256=hashlib.sha256(data).digest(), size=len(data),
+                          model=model, codec=codec)

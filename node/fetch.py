@@ -1,23 +1,33 @@
-"""Fetching a bundle from the coordinator: streamed, resumed where a stream was cut, verified.
+"""Fetching a bundle from the coordinator: streamed, verified as it arrives, resumed where it broke.
 
-``NodeControl.FetchBundle`` streams chunks from an offset. :func:`fetch_bundle` keeps what it
-received, and when a stream breaks (a transport error, a stream that ends early, a chunk at the
-wrong offset) asks again from the end of the last good chunk, so a cut costs only the bytes in
-flight. When every byte has arrived it checks the whole bundle's sha256; a mismatch (a chunk
-corrupted in flight) discards the bytes and fetches the bundle again, up to ``max_refetch`` times.
-Nothing it returns is unverified; decoding and installing are the caller's (``node.install``).
+``NodeControl.FetchBundle`` streams chunks from an offset. :func:`fetch_bundle` feeds every chunk
+to ``proto.bundle.BundleReader``, which checks the header, the manifest and each tensor's sha256
+as soon as its last byte arrives. So:
+
+- a cut stream (transport error, a stream that ends early, a chunk at the wrong offset) is asked
+  for again from the end of the last good chunk: a cut costs only the bytes in flight;
+- a tensor whose bytes fail their sha256 (a chunk corrupted in flight) is dropped with everything
+  after it, and the stream resumes from that tensor's first byte: a corruption costs at most one
+  tensor plus what followed it in flight, not the whole bundle; the header and manifest, being
+  checked as a whole, are fetched again from byte 0;
+- when every byte is in, the whole bundle's sha256 (from the coordinator) is checked too.
+
+It returns only a bundle whose every checksum passed (``Fetched.bundle``), or raises FetchError.
+Installing is the caller's (``node.runtime``), all or nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.bundle import Bundle, BundleError, BundleReader, ChecksumMismatch, CorruptBundle, NotABundle, UnknownVersion
 
 # Codes after which asking again cannot help: the request itself or the bundle is wrong.
 _FATAL = {
@@ -25,6 +35,8 @@ _FATAL = {
     grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.UNIMPLEMENTED,
 }
+# Reader errors that bytes damaged in flight can cause (a flipped magic or version byte included).
+_DAMAGE = (CorruptBundle, NotABundle, UnknownVersion)
 
 
 class FetchError(RuntimeError):
@@ -41,9 +53,10 @@ class FetchPolicy:
 
     chunk_size: int = 0  # 0: the coordinator's default
     max_stalls: int = 5  # consecutive broken streams that brought no new byte
-    max_refetch: int = 2  # whole-bundle refetches after a checksum mismatch
+    max_refetch: int = 3  # corruptions tolerated (each refetches from the damaged tensor, or byte 0)
     backoff_s: float = 0.05  # first pause after a broken stream, doubled per stall, at most 1 s
     stream_timeout_s: float | None = None  # deadline of one FetchBundle stream
+    allowed_codecs: tuple[str, ...] | None = None  # codecs the node decodes (None: any)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 0 or self.max_stalls < 1 or self.max_refetch < 0 or self.backoff_s < 0:
@@ -52,25 +65,51 @@ class FetchPolicy:
 
 @dataclass
 class Fetched:
-    """A bundle received whole and verified, with what it cost."""
+    """A bundle received whole, every checksum verified, with what it cost."""
 
     name: str
-    data: bytes
+    bundle: Bundle
+    size: int
     sha256: bytes
     payload_bytes: int  # chunk data received, including bytes discarded and fetched again
     resumes: int  # streams reopened after a cut
-    refetches: int  # whole refetches after a checksum mismatch
+    refetches: int  # corruptions recovered from
+
+
+class _Received:
+    """The bytes kept so far and a reader that has verified them."""
+
+    def __init__(self, codecs: Iterable[str] | None) -> None:
+        self.codecs = codecs
+        self.buf = bytearray()
+        self.reader = BundleReader(allowed_codecs=codecs)
+
+    def rollback(self, offset: int) -> None:
+        """Keep only the first ``offset`` bytes (already verified up to there) and re-read them."""
+        del self.buf[offset:]
+        self.reader = BundleReader(allowed_codecs=self.codecs)
+        if self.buf:
+            self.reader.feed(bytes(self.buf))
+
+    def damaged_from(self, exc: BundleError) -> int:
+        """Where good bytes end after ``exc``: the damaged tensor's first byte, or 0 for the head."""
+        m = self.reader.manifest
+        if isinstance(exc, ChecksumMismatch) and m is not None:
+            for e in m.entries:
+                if e.name == exc.tensor:
+                    return m.payload_start + e.offset
+        return 0
 
 
 async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id: str,
                        metadata: tuple[tuple[str, str], ...], policy: FetchPolicy = FetchPolicy()) -> Fetched:
     """Fetch bundle ``ref`` (name, and size/sha256 when known) whole and verified; FetchError otherwise."""
-    buf = bytearray()
+    got = _Received(policy.allowed_codecs)
     want_sha = bytes(ref.sha256)
     total = int(ref.size) or None
     payload = resumes = refetches = stalls = 0
     while True:
-        start = len(buf)
+        start = len(got.buf)
         request = pb.FetchBundleRequest(node_id=node_id, name=ref.name, offset=start,
                                         chunk_size=policy.chunk_size, expected_sha256=want_sha)
         broken = ""
@@ -78,22 +117,29 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
         try:
             async for chunk in call:
                 payload += len(chunk.data)
-                if total is None:
-                    total = int(chunk.total_size)
-                if not want_sha:
-                    want_sha = bytes(chunk.sha256)
+                total = total or int(chunk.total_size)
+                want_sha = want_sha or bytes(chunk.sha256)
                 if chunk.total_size != total or bytes(chunk.sha256) != want_sha:
                     raise FetchError(f"bundle {ref.name!r} changed while it was being fetched "
                                      f"(size or sha256 differs from what was expected)",
                                      grpc.StatusCode.FAILED_PRECONDITION)
-                if chunk.offset != len(buf):
-                    broken = f"chunk at offset {chunk.offset}, expected {len(buf)}"
+                if chunk.offset != len(got.buf) or len(got.buf) + len(chunk.data) > total:
+                    broken = f"chunk at offset {chunk.offset} (+{len(chunk.data)}), expected {len(got.buf)}"
                     break
-                if len(buf) + len(chunk.data) > total:
-                    broken = f"chunk overruns the bundle's {total} bytes"
+                got.buf += chunk.data
+                try:
+                    got.reader.feed(chunk.data)
+                except _DAMAGE as exc:
+                    refetches += 1
+                    if refetches > policy.max_refetch:
+                        raise FetchError(f"bundle {ref.name!r}: {exc} ({refetches} corruptions); nothing installed",
+                                         grpc.StatusCode.DATA_LOSS) from None
+                    got.rollback(got.damaged_from(exc))
+                    broken = str(exc)
                     break
-                buf += chunk.data
-                if len(buf) == total:
+                except BundleError as exc:  # well-formed but not for us (an unknown codec...)
+                    raise FetchError(f"bundle {ref.name!r} refused: {exc}", grpc.StatusCode.FAILED_PRECONDITION) from None
+                if len(got.buf) == total:
                     break
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _FATAL:
@@ -102,22 +148,26 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
             broken = f"{exc.code().name}: {exc.details()}"
         finally:
             call.cancel()  # a stream left early must not keep sending
-        if total is not None and len(buf) == total:
-            if hashlib.sha256(buf).digest() == want_sha:
-                return Fetched(name=ref.name, data=bytes(buf), sha256=want_sha, payload_bytes=payload,
+        if total is not None and len(got.buf) == total:
+            try:
+                bundle = got.reader.finish()
+            except BundleError as exc:
+                bundle, broken = None, str(exc)
+            if bundle is not None and hashlib.sha256(got.buf).digest() == want_sha:
+                return Fetched(name=ref.name, bundle=bundle, size=total, sha256=want_sha, payload_bytes=payload,
                                resumes=resumes, refetches=refetches)
-            if refetches >= policy.max_refetch:
-                raise FetchError(f"bundle {ref.name!r} failed its sha256 check {refetches + 1} times; "
-                                 f"nothing installed", grpc.StatusCode.DATA_LOSS)
             refetches += 1
-            buf.clear()
+            if refetches > policy.max_refetch:
+                raise FetchError(f"bundle {ref.name!r} failed its sha256 check {refetches} times; nothing installed",
+                                 grpc.StatusCode.DATA_LOSS)
+            got.rollback(0)
             continue
         if not broken:
             broken = "stream ended early"
-        stalls = 0 if len(buf) > start else stalls + 1
+        stalls = 0 if len(got.buf) > start else stalls + 1
         if stalls >= policy.max_stalls:
             raise FetchError(f"fetching bundle {ref.name!r}: {stalls} streams in a row brought no data "
-                             f"(last: {broken}); stopped at byte {len(buf)} of {total}")
+                             f"(last: {broken}); stopped at byte {len(got.buf)} of {total}")
         resumes += 1
         if stalls:
             await asyncio.sleep(min(1.0, policy.backoff_s * 2 ** (stalls - 1)))

@@ -5,9 +5,9 @@ without its life cycle (``node.actor`` registers it and sends heartbeats), so th
 host can drive it directly. Errors are :class:`NodeError` subclasses carrying the gRPC status the
 server answers with.
 
-Concurrency: everything runs on one asyncio loop; forward passes and bundle decoding run in worker
-threads (``asyncio.to_thread``) so that the loop keeps serving the other virtual nodes of the
-process. A request takes a snapshot of the served model and the mask when it starts, so an install
+Concurrency: everything runs on one asyncio loop; forward passes and bundle decoding run on the
+process's one compute thread (:data:`COMPUTE`) so that the loop keeps serving the other virtual
+nodes of the process. A request takes a snapshot of the served model and the mask when it starts, so an install
 that swaps the model mid-request never mixes two models in one answer.
 """
 
@@ -17,6 +17,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -27,12 +28,17 @@ from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 
 from .adapters import ID_RE, AdapterError, AdapterStore, UserAdapter, decode_adapter
-from .assembly import AssemblyError, DecodedBundle, ServedModel, WeightStore, decode_bundle, pack_mask, used_bundles
+from .assembly import AssemblyError, DecodedBundle, ServedModel, WeightStore, decode_records, pack_mask, used_bundles
 from .counting import ByteCounter
 from .fetch import FetchError, FetchPolicy, fetch_bundle
 from .inference import choose, next_logprobs, score_tokens, top_k
 
 T = TypeVar("T")
+
+# One compute thread per process, shared by every virtual node in it: torch's OpenMP pool is per
+# calling thread, so several compute threads would oversubscribe the cores (and spin-wait) for no
+# gain; the event loop stays free for the gRPC servers while the thread computes.
+COMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-compute")
 
 BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -182,7 +188,7 @@ class VirtualNode:
         self.predictions += routes.shape[1]
 
     async def _run(self, served: ServedModel, mask: torch.Tensor, fn: Callable) -> T:
-        return await asyncio.to_thread(served.run, mask, fn)
+        return await asyncio.get_running_loop().run_in_executor(COMPUTE, served.run, mask, fn)
 
     def label(self, user_id: str) -> str:
         """The ScoreTokensReply.model string for a request of ``user_id``."""
@@ -341,10 +347,10 @@ class VirtualNode:
                     result.resumes += fetched.resumes
                     result.refetches += fetched.refetches
                     result.fetched.append(ref.name)
-                    new.append(await asyncio.to_thread(
-                        self.store.get_or_decode, fetched.sha256,
-                        lambda f=fetched, r=ref: decode_bundle(f.data, name=r.name, sha256=f.sha256,
-                                                               model=r.model, codec=r.codec)))
+                    new.append(await asyncio.get_running_loop().run_in_executor(
+                        COMPUTE, self.store.get_or_decode, fetched.sha256,
+                        lambda f=fetched, r=ref: decode_records(f.bundle, name=r.name, sha256=f.sha256,
+                                                                size=f.size, model=r.model, codec=r.codec)))
             except FetchError as exc:
                 raise InstallFailed(str(exc), exc.code) from None
             except AssemblyError as exc:
@@ -365,7 +371,7 @@ class VirtualNode:
         shas = {b.sha256 for b in new}
         bundles = used_bundles([b for b in self.bundles if b.sha256 not in shas] + list(new))
         try:
-            served = await asyncio.to_thread(self.store.acquire, bundles)
+            served = await asyncio.get_running_loop().run_in_executor(COMPUTE, self.store.acquire, bundles)
         except AssemblyError as exc:
             self.store.prune()
             raise InstallFailed(f"bundles do not make a model: {exc}") from None

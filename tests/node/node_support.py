@@ -7,6 +7,7 @@ in memory, with faults to inject: a stream cut after some chunks, a chunk corrup
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from model.codecs import encode_state_dict
 from model.config import PRESETS
 from model.fractal_moe import FractalMoE, build_model, is_norm_param
 from node.assembly import DecodedBundle
 from proto import federation_pb2 as pb
+from proto.bundle import encode_bundle
 from proto import federation_pb2_grpc as rpc
 
 TOKEN = "node-token-for-tests"
@@ -51,6 +54,16 @@ def decoded(name: str, model: FractalMoE, keep=lambda n: True) -> DecodedBundle:
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if keep(k)}
     sha = hashlib.sha256(name.encode() + b"".join(t.numpy().tobytes() for t in tensors.values())).digest()
     return DecodedBundle(name=name, sha256=sha, size=0, meta={}, config=model.cfg, tensors=tensors)
+
+
+def bundle_bytes(model: FractalMoE, keep=lambda n: True, *, expert_codec: str = "fp32",
+                 other_codec: str = "fp32", model_config: bool = True) -> bytes:
+    """A real bundle (proto.bundle framing, model.codecs payloads) of the tensors ``keep`` selects."""
+    sd = {k: v for k, v in model.state_dict().items() if keep(k)}
+    records = encode_state_dict(sd, expert_codec=expert_codec, other_codec=other_codec)
+    meta = {"model": "base", "expert_codec": expert_codec}
+    meta.update({"model_config": dataclasses.asdict(model.cfg)} if model_config else {"preset": "tiny"})
+    return encode_bundle(records, meta)
 
 
 def log_softmax_next(model: FractalMoE, ids: list[int], adapter: dict | None = None) -> torch.Tensor:
@@ -90,6 +103,7 @@ class FakeCoordinator(rpc.NodeControlServicer):
     heartbeats: list[pb.HeartbeatRequest] = field(default_factory=list)
     reports: list[pb.RoutingReport] = field(default_factory=list)
     bundle_bytes_sent: dict[str, int] = field(default_factory=dict)  # node -> chunk data bytes
+    bundle_message_bytes: dict[str, int] = field(default_factory=dict)  # node -> serialized chunk sizes
     forget_nodes: bool = False  # answer heartbeats with known=False
 
     def ref(self, name: str) -> pb.BundleRef:
@@ -147,8 +161,11 @@ class FakeCoordinator(rpc.NodeControlServicer):
             if f.corrupt_chunk == i and f.corruptions > 0:
                 f.corruptions -= 1
                 piece[len(piece) // 2] ^= 0xFF
-            self.bundle_bytes_sent[request.node_id] = self.bundle_bytes_sent.get(request.node_id, 0) + len(piece)
-            yield pb.BundleChunk(name=request.name, offset=at, data=bytes(piece), total_size=len(data), sha256=sha)
+            msg = pb.BundleChunk(name=request.name, offset=at, data=bytes(piece), total_size=len(data), sha256=sha)
+            node = request.node_id
+            self.bundle_bytes_sent[node] = self.bundle_bytes_sent.get(node, 0) + len(piece)
+            self.bundle_message_bytes[node] = self.bundle_message_bytes.get(node, 0) + msg.ByteSize()
+            yield msg
             await asyncio.sleep(0)
 
 
