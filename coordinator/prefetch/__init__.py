@@ -14,8 +14,8 @@ first. The pieces, one module each:
 Imports ``model`` only (and numpy, torch): times come in as numbers or callables from the network model.
 """
 
-from .evaluate import (EvaluationError, NodeLinks, Request, ServingConfig, evaluate_prefetch, idle_links, plan,
-                       shipping_order)
+from .evaluate import (EvaluationError, NodeLinks, Request, ServedRequest, ServingConfig, evaluate_prefetch,
+                       idle_links, plan, served_events, shipping_order)
 from .metrics import MetricError, byte_metrics, hit_rate, recall_at_k, top_k_mask, used_mask
 from .policies import (POLICIES, PolicyError, RequestOutcome, link_time, remote_time, simulate_request,
                        stream_arrivals)
@@ -27,8 +27,8 @@ from .quality import (PplComparison, QualityError, route_trace, router_weights, 
 from .selection import SelectionError, knapsack_dp, knapsack_greedy, select_experts
 
 __all__ = [
-    "EvaluationError", "NodeLinks", "Request", "ServingConfig", "evaluate_prefetch", "idle_links", "plan",
-    "shipping_order", "MetricError", "byte_metrics", "hit_rate", "recall_at_k", "top_k_mask", "used_mask",
+    "EvaluationError", "NodeLinks", "Request", "ServedRequest", "ServingConfig", "evaluate_prefetch",
+    "idle_links", "plan", "served_events", "shipping_order", "MetricError", "byte_metrics", "hit_rate", "recall_at_k", "top_k_mask", "used_mask",
     "POLICIES", "PolicyError", "RequestOutcome", "link_time", "remote_time", "simulate_request",
     "stream_arrivals", "LFU", "LRU", "PREDICTORS", "GlobalFrequency", "Keyword", "NextBlockRouter", "Oracle",
     "Predictor", "PredictorError", "RandomPredictor", "RequestContext", "RoutingTrace", "RunAhead",

@@ -134,6 +134,38 @@ class _Totals:
     chosen: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServedRequest:
+    """Everything about one request served in an evaluation, for logs and events."""
+
+    request: Request
+    scores: np.ndarray  # (L, E) the predictor's scores
+    mask: np.ndarray  # (L, E) the experts shipped for it
+    order: list[tuple[int, int]]  # shipping order
+    ship_at: float | None  # when shipping was requested; None when installed before the request
+    arrival: np.ndarray  # (L, E) arrival times (-inf installed before, inf not shipped)
+    outcome: RequestOutcome
+
+
+def served_events(served: ServedRequest, sizes: np.ndarray) -> list[dict[str, Any]]:
+    """The request's transfers as events.jsonl lines (kind, node, bytes, start, end, ...), virtual seconds.
+
+    Prefetches (one per shipped expert, unless installed before the request), on-demand fetches and
+    remote expert calls; times come from the NodeLinks the evaluation used.
+    """
+    r, sizes = served.request, np.asarray(sizes)
+    common = {"node": r.node, "user": r.user}
+    events: list[dict[str, Any]] = []
+    if served.ship_at is not None:
+        events += [{"kind": "prefetch", **common, "bytes": int(sizes[b, e]), "start": served.ship_at,
+                    "end": float(served.arrival[b, e]), "block": b, "expert": e} for b, e in served.order]
+    events += [{"kind": "fetch", **common, "bytes": n, "start": t0, "end": t1, "block": b, "expert": e}
+               for b, e, n, t0, t1 in served.outcome.fetches]
+    events += [{"kind": "remote", **common, "bytes": 2 * n, "start": t0, "end": t1, "block": b}
+               for b, n, t0, t1 in served.outcome.remote_calls]
+    return sorted(events, key=lambda ev: (ev["end"], ev["start"]))
+
+
 def plan(predictor: Predictor, request: Request, sizes: np.ndarray, budget_bytes: float,
          config: ServingConfig) -> tuple[np.ndarray, np.ndarray]:
     """Scores (L, E) for ``request`` from what ``predictor`` may see, and the mask (L, E) that fits the budget."""
@@ -154,14 +186,14 @@ def evaluate_prefetch(predictor: Predictor, requests: Sequence[Request], *, size
                       budget_bytes: float, links: NodeLinks | Mapping[str, NodeLinks],
                       config: ServingConfig = ServingConfig(), model: FractalMoE | None = None,
                       history: Sequence[Request] = (),
-                      on_request: Callable[[Request, np.ndarray, np.ndarray, RequestOutcome], None] | None = None,
+                      on_request: Callable[[ServedRequest], None] | None = None,
                       ) -> dict[str, Any]:
     """Replay ``requests`` (in order) through ``predictor`` under a byte budget; returns a report row.
 
     ``sizes`` (L, E) compressed bytes per expert; ``links`` one NodeLinks for all, or one per request.node;
     ``history`` requests are only observed (the predictor's past); ``model`` measures perplexity under the
-    substitute policy (exact policies report ppl_ratio 1.0). ``on_request(request, mask, arrival, outcome)``
-    sees every request served, e.g. to log its transfers.
+    substitute policy (exact policies report ppl_ratio 1.0). ``on_request(served)`` sees every request
+    served, e.g. to log its transfers with ``served_events``.
 
     The row: predictor, budget, policy, hit_rate, bytes_shipped, ppl_ratio, recall_at_k ({k: per block}),
     recall_at_k_tokens, bytes_shipped_per_token, bytes_wasted_per_token, stall_seconds, ttft (mean) and
@@ -179,6 +211,7 @@ def evaluate_prefetch(predictor: Predictor, requests: Sequence[Request], *, size
             raise EvaluationError(f"request of {r.user!r}: routes do not fit sizes of shape {sizes.shape}")
         scores, mask = plan(predictor, r, sizes, budget_bytes, config)
         order = shipping_order(scores, mask)
+        at: float | None = None
         if predictor.plans_at == "ahead" and math.isinf(config.lead_s):
             arrival = np.where(mask, -np.inf, np.inf)  # (L, E) installed before the request arrives
         else:
@@ -188,7 +221,8 @@ def evaluate_prefetch(predictor: Predictor, requests: Sequence[Request], *, size
                                    prompt_len=r.prompt_len, step_s=config.step_s, fetch=node_links.fetch,
                                    remote=node_links.remote, activation_bytes=config.activation_bytes)
         if on_request is not None:
-            on_request(r, mask, arrival, outcome)
+            on_request(ServedRequest(request=r, scores=scores, mask=mask, order=order, ship_at=at,
+                                     arrival=arrival, outcome=outcome))
         spent = byte_metrics(routes, mask, sizes)
         tot.uses += outcome.uses
         tot.hits += outcome.hits
@@ -227,6 +261,7 @@ def _row(predictor: Predictor, budget_bytes: float, config: ServingConfig, tot: 
     return {
         "predictor": predictor.name,
         "budget": budget_bytes,
+        "budget_bytes": budget_bytes,
         "policy": config.policy,
         "hit_rate": tot.hits / tot.uses if tot.uses else 1.0,
         "bytes_shipped": shipped,

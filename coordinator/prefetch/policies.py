@@ -88,6 +88,7 @@ class RequestOutcome:
     remote_bytes: int  # hidden states sent plus outputs received (remote)
     substituted: int  # uses served by another expert (substitute)
     fetches: tuple[tuple[int, int, int, float, float], ...]  # (block, expert, bytes, start, end) on demand
+    remote_calls: tuple[tuple[int, int, float, float], ...]  # (block, bytes each way, start, end)
     segments: tuple[Segment, ...]  # substitute only: which experts served which tokens
 
     @property
@@ -168,6 +169,7 @@ def simulate_request(routes: np.ndarray, mask: np.ndarray, arrival_s: np.ndarray
     uses = hits = substituted = remote_bytes = 0
     ttft = 0.0
     segments: list[Segment] = []
+    calls: list[tuple[int, int, float, float]] = []
     for i, step in enumerate(_steps(T, prompt_len)):
         served = np.zeros(mask.shape, dtype=bool)  # (L, E) installed when each block ran
         for b in range(L):
@@ -190,7 +192,9 @@ def simulate_request(routes: np.ndarray, mask: np.ndarray, arrival_s: np.ndarray
             missing = experts[late]
             if policy == "remote":
                 nbytes = int(counts[late].sum()) * activation_bytes
-                st.wait_until(remote(nbytes, st.now))
+                end = float(remote(nbytes, st.now))
+                calls.append((b, nbytes, st.now, end))
+                st.wait_until(end)
                 remote_bytes += 2 * nbytes
                 continue
             in_flight = mask[b, missing]
@@ -208,4 +212,5 @@ def simulate_request(routes: np.ndarray, mask: np.ndarray, arrival_s: np.ndarray
             ttft = st.now - start_s
     return RequestOutcome(policy=policy, uses=uses, hits=hits, stall_s=st.stall, ttft_s=ttft, end_s=st.now,
                           fetched_bytes=st.fetched, remote_bytes=remote_bytes, substituted=substituted,
-                          fetches=tuple(st.fetches), segments=tuple(segments))
+                          fetches=tuple(st.fetches), remote_calls=tuple(calls),
+                          segments=tuple(segments))

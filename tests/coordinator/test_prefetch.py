@@ -1,6 +1,7 @@
 """Prefetching: predictors on a hand-computable trace, the knapsack against brute force, policies, metrics."""
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -14,7 +15,8 @@ from coordinator.prefetch import (LFU, LRU, GlobalFrequency, Keyword, NextBlockR
                                   SelectionError, ServingConfig, UserHistogram, build_predictor, byte_metrics,
                                   evaluate_prefetch, hit_rate, idle_links, knapsack_dp, knapsack_greedy,
                                   link_time, recall_at_k, remote_time, route_trace, router_weights,
-                                  segmented_substitution_ppl, select_experts, simulate_request, stream_arrivals,
+                                  segmented_substitution_ppl, select_experts, served_events, simulate_request,
+                                  stream_arrivals,
                                   substitution_ppl, visible_context, visible_trace)
 from model.config import PRESETS
 from model.fractal_moe import build_model
@@ -272,6 +274,7 @@ def test_remote_counts_bytes_and_auto_picks_the_faster():
     # prefill sends 1 token's state (1.7 s), token 3 another (1.7 s); 10 bytes each way per token
     assert (out.ttft_s, out.stall_s, out.end_s) == pytest.approx((2.7, 3.4, 6.4))
     assert out.remote_bytes == 40 and out.hits == 2
+    assert np.allclose(out.remote_calls, [(0, 10, 0.0, 1.7), (0, 10, 3.7, 5.4)])
     assert serve("auto").policy == "remote"
     assert simulate_request(ROUTES1, MASK1, ARRIVAL1, policy="auto", sizes=SIZES1, prompt_len=2, step_s=1.0,
                             fetch=link_time(rtt_s=0.0, bps=1e9), remote=REMOTE1,
@@ -360,11 +363,19 @@ def test_late_prefetch_costs_hits_and_stall(tiny):
     sizes = np.full((4, 16), 20_000)
     common = dict(sizes=sizes, budget_bytes=sizes.sum(), links=idle_links(ADSL, ADSL))
     early = evaluate_prefetch(Oracle(n_layers=4, n_experts=16), reqs, **common, config=ServingConfig(lead_s=60))
-    late = evaluate_prefetch(Oracle(n_layers=4, n_experts=16), reqs, **common, config=ServingConfig(lead_s=0))
+    served = []
+    late = evaluate_prefetch(Oracle(n_layers=4, n_experts=16), reqs, **common, config=ServingConfig(lead_s=0),
+                             on_request=served.append)
     assert early["hit_rate"] == 1.0 and early["ttft"] == 0.0
     # shipped when the request arrives, everything lands after the prefill needs it: 60 ms + 20 kB at 8 Mbit/s
     assert late["hit_rate"] < 1.0 and late["stall_seconds"] > 0.06 * len(reqs)
     assert late["ttft"] >= 0.06 + 0.02
+    events = served_events(served[1], sizes)
+    assert len(events) == served[1].mask.sum() and {e["kind"] for e in events} == {"prefetch"}
+    # one stream from the request's arrival: the first expert after the RTT and its own 20 kB
+    assert events[0]["start"] == 5.0 and events[0]["end"] == pytest.approx(5.0 + 0.06 + 0.02)
+    assert events[-1]["end"] == pytest.approx(5.0 + 0.06 + 0.02 * len(events))
+    assert json.loads(json.dumps(events)) == events
 
 
 def test_substitute_row_measures_ppl_and_halving_bytes(tiny):
