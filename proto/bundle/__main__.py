@@ -1,0 +1,7 @@
+"""`python -m proto.bundle`: see proto.bundle.cli."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

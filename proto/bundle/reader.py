@@ -1,0 +1,172 @@
+"""Reading bundles: a streaming reader that verifies chunk by chunk, and an all-or-nothing wrapper.
+
+The streaming reader hands out each tensor record as soon as its last byte has arrived and its
+sha256 matches; a caller that *installs* tensors must still wait for ``finish()`` (or use
+``read_bundle_verified``), because a later fault rejects the whole bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+
+from .errors import (BundleError, ChecksumMismatch, CorruptChunk, DuplicateChunk, OutOfOrderChunk, OversizedChunk,
+                     TruncatedBundle)
+from .format import (HEADER_SIZE, Bundle, Chunk, Header, Manifest, TensorRecord, check_entries, parse_header,
+                     parse_manifest)
+
+
+class BundleReader:
+    """Feed it chunks in order; it verifies everything and yields complete, checksummed tensor records.
+
+    ``allowed_codecs``: codec names the caller can decode (None: any). ``expected_shapes``: {name:
+    shape} of the caller's model (None: no check). ``max_chunk_size``: the largest chunk accepted
+    (None: no limit). After any error the reader stays failed and re-raises it.
+    """
+
+    def __init__(self, *, allowed_codecs: Iterable[str] | None = None,
+                 expected_shapes: Mapping[str, Sequence[int]] | None = None,
+                 max_chunk_size: int | None = None) -> None:
+        self._allowed = None if allowed_codecs is None else frozenset(allowed_codecs)
+        self._expected = expected_shapes
+        self._max_chunk = max_chunk_size
+        self._received = 0
+        self._head = bytearray()  # header and manifest bytes, until the manifest is parsed
+        self._header: Header | None = None
+        self._manifest: Manifest | None = None
+        self._index = 0  # the entry whose payload is arriving
+        self._current = bytearray()
+        self._hash = hashlib.sha256()
+        self._records: list[TensorRecord] = []
+        self._error: BundleError | None = None
+
+    @property
+    def offset(self) -> int:
+        """Bytes received and accepted so far: where a cut transfer resumes."""
+        return self._received
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The verified manifest, once its bytes have arrived."""
+        return self._manifest
+
+    @property
+    def total_size(self) -> int | None:
+        """The bundle's size, once the header has arrived."""
+        return None if self._header is None else HEADER_SIZE + self._header.manifest_length + self._header.payload_length
+
+    def feed(self, chunk: Chunk | bytes | bytearray | memoryview) -> list[TensorRecord]:
+        """Accept the next chunk; the tensor records it completed (verified). A bare bytes chunk follows the last."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._feed(chunk)
+        except BundleError as exc:
+            self._error = exc
+            raise
+
+    def finish(self) -> Bundle:
+        """The whole verified bundle; TruncatedBundle if bytes are missing."""
+        if self._error is not None:
+            raise self._error
+        total = self.total_size
+        if self._manifest is None or self._received < total:
+            where = "its header" if self._header is None else ("its manifest" if self._manifest is None else "")
+            msg = (f"truncated: bundle ends at byte {self._received}"
+                   + (f" of {total}" if total is not None else "") + (f", inside {where}" if where else ""))
+            self._error = TruncatedBundle(msg)
+            raise self._error
+        return Bundle(dict(self._manifest.meta), tuple(self._records))
+
+    # -- internals
+
+    def _feed(self, chunk: Chunk | bytes | bytearray | memoryview) -> list[TensorRecord]:
+        if isinstance(chunk, Chunk):
+            offset, data, crc = chunk.offset, chunk.data, chunk.crc32
+        else:
+            offset, data, crc = self._received, chunk, None
+        if self._max_chunk is not None and len(data) > self._max_chunk:
+            raise OversizedChunk(f"oversized chunk: {len(data)} bytes at offset {offset}, limit {self._max_chunk}")
+        if crc is not None and zlib.crc32(data) != crc:
+            raise CorruptChunk(f"corrupted chunk at offset {offset}: crc32 mismatch")
+        if offset < self._received:
+            raise DuplicateChunk(f"duplicate chunk: offset {offset} was already received (next byte {self._received})")
+        if offset > self._received:
+            raise OutOfOrderChunk(f"out-of-order chunk: offset {offset}, expected {self._received}")
+        total = self.total_size
+        if total is not None and offset + len(data) > total:
+            raise OversizedChunk(f"oversized chunk: runs {offset + len(data) - total} bytes past the end of the "
+                                 f"{total}-byte bundle")
+        view = memoryview(data).cast("B")
+        out: list[TensorRecord] = []
+        while view.nbytes:
+            used = self._take_head(view) if self._manifest is None else self._take_payload(view, out)
+            view = view[used:]
+            self._received += used
+        if self._manifest is not None:
+            self._take_payload(view, out)  # empty tensors complete without bytes of their own
+        return out
+
+    def _take_head(self, view: memoryview) -> int:
+        """Consume header/manifest bytes; parse each part as soon as it is complete."""
+        want = HEADER_SIZE if self._header is None else HEADER_SIZE + self._header.manifest_length
+        used = min(want - len(self._head), view.nbytes)
+        self._head += view[:used]
+        if len(self._head) == want:
+            if self._header is None:
+                self._header = parse_header(self._head)
+                over = self._received + view.nbytes - self.total_size  # this chunk's end past the bundle's
+                if over > 0:
+                    raise OversizedChunk(f"oversized chunk: runs {over} bytes past the end of the "
+                                         f"{self.total_size}-byte bundle")
+            else:
+                self._manifest = parse_manifest(self._header, memoryview(self._head)[HEADER_SIZE:])
+                check_entries(self._manifest, allowed_codecs=self._allowed, expected_shapes=self._expected)
+                self._head = bytearray()
+        return used
+
+    def _take_payload(self, view: memoryview, out: list[TensorRecord]) -> int:
+        entries = self._manifest.entries
+        used = 0
+        while self._index < len(entries):
+            e = entries[self._index]
+            piece = view[used: used + e.length - len(self._current)]
+            self._current += piece
+            self._hash.update(piece)
+            used += piece.nbytes
+            if len(self._current) < e.length:
+                break
+            if self._hash.hexdigest() != e.sha256:
+                raise ChecksumMismatch(f"corrupted tensor {e.name!r}: sha256 mismatch", e.name)
+            record = TensorRecord(e.name, e.codec, e.shape, bytes(self._current), dict(e.meta), e.dtype)
+            self._records.append(record)
+            out.append(record)
+            self._index += 1
+            self._current = bytearray()
+            self._hash = hashlib.sha256()
+        return used
+
+
+def read_bundle_verified(chunks: Iterable[Chunk | bytes | bytearray | memoryview], *,
+                         allowed_codecs: Iterable[str] | None = None,
+                         expected_shapes: Mapping[str, Sequence[int]] | None = None,
+                         max_chunk_size: int | None = None) -> Bundle:
+    """All or nothing: the verified bundle, or a BundleError before anything is returned."""
+    reader = BundleReader(allowed_codecs=allowed_codecs, expected_shapes=expected_shapes,
+                          max_chunk_size=max_chunk_size)
+    for chunk in chunks:
+        reader.feed(chunk)
+    return reader.finish()
+
+
+def read_manifest(data: bytes | bytearray | memoryview) -> Manifest:
+    """The verified header and manifest at the start of ``data`` (payload not checked)."""
+    view = memoryview(data)
+    if view.nbytes < HEADER_SIZE:
+        raise TruncatedBundle(f"truncated: {view.nbytes} bytes, shorter than the {HEADER_SIZE}-byte header")
+    header = parse_header(view[:HEADER_SIZE])
+    end = HEADER_SIZE + header.manifest_length
+    if view.nbytes < end:
+        raise TruncatedBundle(f"truncated: bundle ends at byte {view.nbytes}, inside its manifest (ends at {end})")
+    return parse_manifest(header, view[HEADER_SIZE:end])
