@@ -22,8 +22,8 @@ from .policies import (POLICIES, PolicyError, RequestOutcome, link_time, remote_
 from .predictors import (LFU, LRU, PREDICTORS, GlobalFrequency, Keyword, NextBlockRouter, Oracle, Predictor,
                          PredictorError, RandomPredictor, RequestContext, RoutingTrace, RunAhead, UserHistogram,
                          build_predictor, route_counts, visible_context, visible_trace)
-from .quality import (PplComparison, QualityError, route_trace, router_weights, segmented_substitution_ppl,
-                      substitution_ppl)
+from .quality import (PplComparison, QualityError, coarsen_segments, route_trace, router_weights,
+                      segmented_substitution_ppl, substitution_ppl)
 from .selection import SelectionError, knapsack_dp, knapsack_greedy, select_experts
 
 __all__ = [
@@ -33,6 +33,6 @@ __all__ = [
     "stream_arrivals", "LFU", "LRU", "PREDICTORS", "GlobalFrequency", "Keyword", "NextBlockRouter", "Oracle",
     "Predictor", "PredictorError", "RandomPredictor", "RequestContext", "RoutingTrace", "RunAhead",
     "UserHistogram", "build_predictor", "route_counts", "visible_context", "visible_trace", "PplComparison",
-    "QualityError", "route_trace", "router_weights", "segmented_substitution_ppl", "substitution_ppl", "SelectionError", "knapsack_dp",
+    "QualityError", "coarsen_segments", "route_trace", "router_weights", "segmented_substitution_ppl", "substitution_ppl", "SelectionError", "knapsack_dp",
     "knapsack_greedy", "select_experts",
 ]

@@ -101,6 +101,7 @@ class ServingConfig:
     step_s: float = 0.0  # compute per step (prefill, then each token), virtual seconds
     activation_bytes: int = 0  # one token's hidden state on the wire, e.g. d_model * 4 (float32)
     recall_k: tuple[int, ...] = (1, 2, 4, 8)
+    ppl_passes: int = 8  # forward passes per request at most when experts arrive mid-request (substitute)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -114,6 +115,8 @@ class ServingConfig:
             raise EvaluationError(f"policy {self.policy!r} needs activation_bytes > 0 (d_model * 4)")
         if not self.recall_k or min(self.recall_k) < 1:
             raise EvaluationError(f"recall_k must be ks >= 1, got {self.recall_k!r}")
+        if self.ppl_passes < 1:
+            raise EvaluationError(f"ppl_passes must be >= 1, got {self.ppl_passes!r}")
 
 
 @dataclass
@@ -239,7 +242,8 @@ def evaluate_prefetch(predictor: Predictor, requests: Sequence[Request], *, size
             tot.recall[k].append(recall_at_k(scores, routes, kk))
             weighted[k].append(recall_at_k(scores, routes, kk, weighted=True))
         if model is not None and config.policy == "substitute" and routes.shape[1] >= 2:
-            cmp = segmented_substitution_ppl(model, np.asarray(r.token_ids), outcome.segments)
+            cmp = segmented_substitution_ppl(model, np.asarray(r.token_ids), outcome.segments,
+                                             max_passes=config.ppl_passes)
             tot.nll_full += cmp.nll_full
             tot.nll_sub += cmp.nll_substituted
             tot.predicted += cmp.tokens

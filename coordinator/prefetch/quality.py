@@ -123,15 +123,34 @@ def substitution_ppl(model: FractalMoE, tokens: np.ndarray | torch.Tensor,
     return segmented_substitution_ppl(model, t, [(0, t.shape[1], np.asarray(mask))])
 
 
+def coarsen_segments(segments: Sequence[tuple[int, int, np.ndarray]],
+                     max_passes: int) -> list[tuple[int, int, np.ndarray]]:
+    """At most ``max_passes`` runs of consecutive segments, each served by its first segment's mask.
+
+    Installed sets only grow during a request, so this is pessimistic: an expert arriving inside a merged
+    run counts as missing until the run ends.
+    """
+    if max_passes < 1:
+        raise QualityError(f"max_passes must be >= 1, got {max_passes}")
+    if len(segments) <= max_passes:
+        return list(segments)
+    groups = np.array_split(np.arange(len(segments)), max_passes)
+    return [(segments[g[0]][0], segments[g[-1]][1], segments[g[0]][2]) for g in groups]
+
+
 def segmented_substitution_ppl(model: FractalMoE, tokens: np.ndarray | torch.Tensor,
-                               segments: Sequence[tuple[int, int, np.ndarray]]) -> PplComparison:
+                               segments: Sequence[tuple[int, int, np.ndarray]], *,
+                               max_passes: int | None = None) -> PplComparison:
     """Like ``substitution_ppl``, with the installed experts changing along the sequence as they arrive.
 
     ``segments`` (first, end, mask (L, E)) say which experts served positions first..end-1 (as
     ``policies.RequestOutcome.segments`` gives them). Each segment's positions are scored by a pass over
     the prefix with that segment's mask: earlier positions are recomputed with it too, as a node without a
-    KV cache would, so a late expert helps the context of the tokens after it arrives.
+    KV cache would, so a late expert helps the context of the tokens after it arrives. ``max_passes``
+    bounds the forward passes (``coarsen_segments``: pessimistic) when experts arrive one by one.
     """
+    if max_passes is not None:
+        segments = coarsen_segments(segments, max_passes)
     t = _as_tokens(tokens)
     n = t.shape[1] - 1  # positions that predict a next token
     with _serving(model, None):

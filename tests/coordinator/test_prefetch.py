@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.prefetch import (LFU, LRU, GlobalFrequency, Keyword, NextBlockRouter, Oracle, PredictorError,
-                                  QualityError, RandomPredictor, Request, RequestContext, RoutingTrace, RunAhead,
+                                  QualityError, RandomPredictor, coarsen_segments, Request, RequestContext, RoutingTrace, RunAhead,
                                   SelectionError, ServingConfig, UserHistogram, build_predictor, byte_metrics,
                                   evaluate_prefetch, hit_rate, idle_links, knapsack_dp, knapsack_greedy,
                                   link_time, recall_at_k, remote_time, route_trace, router_weights,
@@ -309,6 +309,14 @@ def test_substitution_with_half_the_experts_changes_ppl_and_restores_the_model(t
     # one segment covering everything is the static case
     seg = segmented_substitution_ppl(tiny, ids, [(0, 48, mask)])
     assert seg.nll_substituted == cmp.nll_substituted
+    # experts arriving mid-sequence: coarsening to one pass keeps the first (smallest) installed set
+    full = np.ones((4, 16), dtype=bool)
+    arriving = [(0, 10, mask), (10, 30, full), (30, 48, full)]
+    assert segmented_substitution_ppl(tiny, ids, arriving, max_passes=1).nll_substituted == cmp.nll_substituted
+    assert coarsen_segments(arriving, 2)[1][:2] == (30, 48)
+    later = segmented_substitution_ppl(tiny, ids, arriving)
+    assert later.nll_substituted != cmp.nll_substituted
+    assert later.missing_share == pytest.approx(np.mean(full_routes[:, :10] % 2 == 1) * 10 / 47)
     with pytest.raises(QualityError, match="block 1 has no installed expert"):
         substitution_ppl(tiny, ids, np.eye(4, 16, dtype=bool)[[0, 2, 2, 3]] * [[1], [0], [1], [1]])
 
