@@ -175,7 +175,7 @@ def _check_fp16_range(name: str, w: torch.Tensor) -> None:
         raise CodecError(f"tensor {name!r} has values beyond the fp16 range (|w| > {FP16_MAX:g})")
 
 
-def fake_quantise(t: torch.Tensor, codec: str, *, group_rows: int | None = None) -> torch.Tensor:
+def fake_quantise(t: torch.Tensor, codec: str) -> torch.Tensor:
     """What ``decode_tensor(encode_tensor(_, t, codec))`` returns, computed without packing bytes.
 
     float32, t's shape; no gradient flows (wrap it in a straight-through estimator for training).
@@ -194,9 +194,8 @@ def fake_quantise(t: torch.Tensor, codec: str, *, group_rows: int | None = None)
             q, s = int8_rows(w, keep)
             out = q.float() * s[:, None]
         else:
-            g = TERNARY_GROUP_ROWS if group_rows is None else group_rows
-            trits, s = ternarise(w, keep, g)
-            out = trits.float() * s[_group_ids(w.shape[0], g)[0]][:, None]
+            trits, s = ternarise(w, keep, TERNARY_GROUP_ROWS)
+            out = trits.float() * s[_group_ids(w.shape[0], TERNARY_GROUP_ROWS)[0]][:, None]
         if keep is not None:
             out = torch.where(keep, out, 0.0)
         return out.reshape(t.shape)
@@ -212,7 +211,7 @@ _TRIT_VALUES = torch.tensor([-1.0, 0.0, 1.0])  # symbol (trit + 1) -> trit
 
 def pack_trits(trits: torch.Tensor) -> bytes:
     """5 trits per byte, base 3, first trit least significant; the tail is padded with trit 0."""
-    d = (trits.reshape(-1).to(torch.int16) + 1)  # (n,) digits in {0, 1, 2}
+    d = trits.reshape(-1).to(torch.int16) + 1  # (n,) digits in {0, 1, 2}
     pad = (-d.numel()) % 5
     if pad:
         d = torch.cat([d, torch.ones(pad, dtype=torch.int16)])
@@ -220,8 +219,8 @@ def pack_trits(trits: torch.Tensor) -> bytes:
 
 
 def _trit_bytes(buf: bytearray, offset: int, n: int) -> torch.Tensor:
-    b = torch.frombuffer(buf, dtype=torch.uint8, count=-(-n // 5), offset=offset) if n else torch.zeros(0, dtype=torch.uint8)
-    if b.numel() and int(b.max()) > 242:
+    b = torch.frombuffer(buf, dtype=torch.uint8, count=-(-n // 5), offset=offset)  # n > 0 here
+    if int(b.max()) > 242:
         raise CodecError("packed trits hold a byte above 242 (3**5 - 1): the payload is corrupt")
     return b
 
@@ -237,10 +236,22 @@ def _pack_mask(keep: torch.Tensor) -> bytes:
     return np.packbits(keep.reshape(-1).numpy(), bitorder="little").tobytes()
 
 
-def _unpack_mask(buf: bytearray, offset: int, n: int) -> torch.Tensor:
-    bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8, count=-(-n // 8), offset=offset),
-                         count=n, bitorder="little")
-    return torch.from_numpy(bits.view(np.bool_))  # (n,)
+def _kept_positions(buf: bytearray, n: int) -> torch.Tensor:
+    """(n,) int32: for each weight, 1 + its index among the kept values, or 0 if pruned.
+
+    A prefix sum over the unpacked mask turns the scatter of kept values into one gather from
+    [0, v_0, v_1, ...]: about twice as fast as a masked scatter.
+    """
+    bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8, count=-(-n // 8)), count=n, bitorder="little")  # (n,)
+    pos = np.cumsum(bits, dtype=np.int32)  # numpy's prefix sum is ~2x torch's on CPU
+    pos *= bits
+    return torch.from_numpy(pos)
+
+
+def _gather_kept(pos: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """(n,) of kept's dtype: kept values where pos > 0, zero elsewhere."""
+    table = torch.cat([torch.zeros(1, dtype=kept.dtype), kept])  # (1 + n_kept,)
+    return torch.index_select(table, 0, pos)
 
 
 def _f32(buf: bytearray, offset: int, count: int) -> torch.Tensor:
@@ -295,7 +306,7 @@ def _expected_length(codec: str, rows: int, n: int, groups: int) -> int | None:
     }.get(codec)
 
 
-def _group_rows_of(e: EncodedTensor, rows: int) -> int | None:
+def _group_rows_of(e: EncodedTensor) -> int | None:
     g = e.meta.get("group_rows") if isinstance(e.meta, Mapping) else None
     if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
         raise CodecError(f"tensor {e.name!r}: meta group_rows must be a positive int, got {g!r}")
@@ -306,13 +317,15 @@ def decode_tensor(e: EncodedTensor) -> torch.Tensor:
     """The float32 tensor an EncodedTensor (or any record with name/codec/shape/payload/meta) holds."""
     spec = _spec(e.codec)
     shape = tuple(int(d) for d in e.shape)
+    if any(not 0 <= d < 2**31 for d in shape):
+        raise CodecError(f"tensor {e.name!r}: shape {list(shape)} is out of range")
     rows, cols = _matrix_shape(shape)
     n = rows * cols
     if n == 0:
         if len(e.payload):
             raise CodecError(f"tensor {e.name!r}: an empty tensor must have an empty payload")
         return torch.zeros(shape)
-    group_rows = _group_rows_of(e, rows)
+    group_rows = _group_rows_of(e)
     ids, groups = _group_ids(rows, group_rows)
     expected = _expected_length(e.codec, rows, n, groups)
     if expected is not None and len(e.payload) != expected:
@@ -330,25 +343,22 @@ def _decode_values(e: EncodedTensor, buf: bytearray, spec: _Spec, rows: int, col
                    ids: torch.Tensor, groups: int) -> torch.Tensor:
     n = rows * cols
     at = 0
-    keep = None
+    pos = None
     if spec.prune and spec.values in ("fp16", "int8"):
-        keep = _unpack_mask(buf, 0, n)  # (n,)
+        pos = _kept_positions(buf, n)  # (n,)
         at = -(-n // 8)
-        if int(keep.sum()) != n - n // 2:
-            raise CodecError(f"tensor {e.name!r}: pruning mask keeps {int(keep.sum())} of {n}, not {n - n // 2}")
+        if int(pos.max()) != n - n // 2:
+            raise CodecError(f"tensor {e.name!r}: pruning mask keeps {int(pos.max())} of {n}, not {n - n // 2}")
     if spec.values == "fp32":
         return torch.frombuffer(buf, dtype=torch.float32, count=n)
     if spec.values == "fp16":
-        count = n if keep is None else n - n // 2
-        vals = torch.frombuffer(buf, dtype=torch.float16, count=count, offset=at).float()
-        if keep is None:
-            return vals
-        return torch.zeros(n).masked_scatter_(keep, vals)
+        vals = torch.frombuffer(buf, dtype=torch.float16, count=n if pos is None else n - n // 2, offset=at)
+        return vals.float() if pos is None else _gather_kept(pos, vals.float())
     if spec.values == "int8":
         s = _f32(buf, at, rows)
         q = torch.frombuffer(buf, dtype=torch.int8, offset=at + 4 * rows)
-        if keep is not None:
-            q = torch.zeros(n, dtype=torch.int8).masked_scatter_(keep, q)
+        if pos is not None:
+            q = _gather_kept(pos, q)
         return (q.view(rows, cols) * s[:, None]).view(-1)  # int8 * float32 -> float32 in one pass
     s = _f32(buf, 0, groups)
     scale = float(s[0]) if groups == 1 else 1.0  # one scale: fold it into the lookup table
@@ -440,6 +450,7 @@ def codec_throughput(sd: Mapping[str, torch.Tensor], codecs: Iterable[str] = COD
     for codec in codecs:
         enc_s, encoded = _timed(lambda: [encode_tensor(k, v, codec) for k, v in experts.items()], repeats)
         copy_s = dec_s = math.inf
+        [decode_tensor(e) for e in encoded]  # warm-up: the allocator's first pages cost page faults
         for _ in range(repeats):  # interleaved, so a busy machine slows both alike
             copy_s = min(copy_s, _timed(lambda: [v.clone() for v in experts.values()], 1)[0])
             dec_s = min(dec_s, _timed(lambda: [decode_tensor(e) for e in encoded], 1)[0])

@@ -206,7 +206,8 @@ def parse_header(head: bytes | bytearray | memoryview) -> Header:
     if magic != MAGIC:
         raise NotABundle(f"not a bundle: the file starts with {bytes(magic[:8]).hex()}, not the bundle magic")
     if version not in SUPPORTED_VERSIONS:
-        raise UnknownVersion(f"unknown version {version} (this reader knows {', '.join(map(str, sorted(SUPPORTED_VERSIONS)))})")
+        known = ", ".join(map(str, sorted(SUPPORTED_VERSIONS)))
+        raise UnknownVersion(f"unknown version {version} (this reader knows {known})")
     (crc,) = _CRC.unpack_from(head, _FIXED.size)
     if zlib.crc32(bytes(head[: _FIXED.size])) != crc:
         raise CorruptHeader("corrupted header: crc32 mismatch")
@@ -232,7 +233,7 @@ def _entry(i: int, t: Any, offset: int) -> ManifestEntry:
           and isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest))
     if not ok:
         raise CorruptManifest(f"corrupted manifest: tensor #{i} has a malformed field")
-    if off != offset:
+    if not isinstance(off, int) or isinstance(off, bool) or off != offset:
         raise CorruptManifest(f"corrupted manifest: tensor {name!r} starts at {off}, expected {offset}")
     return ManifestEntry(name, codec, tuple(shape), dtype, meta, off, length, digest)
 
@@ -243,9 +244,9 @@ def parse_manifest(header: Header, manifest: bytes | bytearray | memoryview) -> 
         raise CorruptManifest("corrupted manifest: sha256 mismatch")
     try:
         doc = json.loads(bytes(manifest).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptManifest(f"corrupted manifest: not JSON ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), list) or not isinstance(doc.get("meta", {}), dict):
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptManifest(f"corrupted manifest: not JSON ({type(exc).__name__})") from None
+    if not (isinstance(doc, dict) and isinstance(doc.get("tensors"), list) and isinstance(doc.get("meta", {}), dict)):
         raise CorruptManifest("corrupted manifest: expected {\"meta\": {...}, \"tensors\": [...]}")
     entries: list[ManifestEntry] = []
     seen: set[str] = set()
@@ -268,10 +269,12 @@ def check_entries(manifest: Manifest, *, allowed_codecs: Iterable[str] | None,
     allowed = None if allowed_codecs is None else frozenset(allowed_codecs)
     for e in manifest.entries:
         if allowed is not None and e.codec not in allowed:
-            raise UnknownCodec(f"unknown codec {e.codec!r} for tensor {e.name!r} (accepted: {', '.join(sorted(allowed))})")
+            raise UnknownCodec(f"unknown codec {e.codec!r} for tensor {e.name!r} "
+                               f"(accepted: {', '.join(sorted(allowed))})")
         if expected_shapes is not None:
             if e.name not in expected_shapes:
                 raise UnknownTensor(f"shape mismatch: tensor {e.name!r} is not in the model")
             want = tuple(int(d) for d in expected_shapes[e.name])
             if e.shape != want:
-                raise ShapeMismatch(f"shape mismatch: tensor {e.name!r} is {list(e.shape)}, the model expects {list(want)}")
+                raise ShapeMismatch(f"shape mismatch: tensor {e.name!r} is {list(e.shape)}, "
+                                    f"the model expects {list(want)}")

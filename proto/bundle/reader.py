@@ -54,7 +54,8 @@ class BundleReader:
     @property
     def total_size(self) -> int | None:
         """The bundle's size, once the header has arrived."""
-        return None if self._header is None else HEADER_SIZE + self._header.manifest_length + self._header.payload_length
+        h = self._header
+        return None if h is None else HEADER_SIZE + h.manifest_length + h.payload_length
 
     def feed(self, chunk: Chunk | bytes | bytearray | memoryview) -> list[TensorRecord]:
         """Accept the next chunk; the tensor records it completed (verified). A bare bytes chunk follows the last."""

@@ -370,3 +370,42 @@ def test_cli_verify_intact_corrupted_truncated_and_unknown(bundle_file, tmp_path
     missing = run_cli("verify", str(tmp_path / "absent.ffb"))
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert run_cli("--help").returncode == 0 and "inspect" in run_cli("--help").stdout
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+                           | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=4),
+                           max_leaves=20)
+entry_like = st.fixed_dictionaries({}, optional={k: json_values for k in ("name", "codec", "shape", "dtype", "meta",
+                                                                           "offset", "length", "sha256")})
+
+
+def framed(manifest: bytes, payload: bytes) -> bytes:
+    """A bundle whose header and digest are right for whatever manifest it carries."""
+    fixed = struct.pack("<8sHHIQ", MAGIC, 1, 0, len(manifest), len(payload))
+    return fixed + struct.pack("<I", zlib.crc32(fixed)) + hashlib.sha256(manifest).digest() + manifest + payload
+
+
+@settings(max_examples=150, deadline=None)
+@given(junk=st.binary(max_size=300))
+def test_arbitrary_bytes_give_a_bundle_error_never_a_crash(junk):
+    with pytest.raises(BundleError):
+        read_bundle_verified([junk])
+    with pytest.raises(BundleError):
+        read_bundle_verified([MAGIC + junk])
+
+
+@settings(max_examples=80, deadline=None)
+@given(doc=st.one_of(json_values, st.fixed_dictionaries({"meta": json_values, "tensors": st.lists(entry_like,
+                                                                                                  max_size=3)})),
+       payload=st.binary(max_size=20))
+def test_forged_manifests_with_valid_digests_are_refused_cleanly(doc, payload):
+    data = framed(json.dumps(doc).encode(), payload)
+    try:
+        bundle = read_bundle_verified(iter_chunks(data, 7))
+    except BundleError:
+        return
+    # accepted only if it really is consistent: every tensor's bytes hash to its digest
+    assert sum(len(r.payload) for r in bundle) == len(payload)
+    assert all(hashlib.sha256(r.payload).hexdigest() == t["sha256"] for r, t in zip(bundle, doc["tensors"]))
