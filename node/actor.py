@@ -43,6 +43,7 @@ from .adapters import ID_RE
 from .assembly import WeightStore
 from .counting import ByteCounter, CountingChannel
 from .fetch import FetchPolicy
+from .memory import rss_bytes
 from .runtime import ControlLink, NodeError, NodeLimits, VirtualNode
 from .server import NodeServer, bearer_metadata, start_node_server
 
@@ -128,26 +129,24 @@ class HostedNode:
     node: VirtualNode
     server: NodeServer | None = None
     heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
-    task: asyncio.Task | None = None
+    task: asyncio.Task | None = None  # heartbeats
+    provisioning: asyncio.Task | None = None  # installs asked for by heartbeat replies
     reported: int = -1  # predictions count at the last ReportRouting
+    registered_shape: tuple[int, int] = (0, 0)  # (n_blocks, n_experts) the last Register announced
     errors: list[str] = field(default_factory=list)
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class NodeHost:
-    """Hosts many virtual nodes in one process, sharing frozen weights (see the module docstring)."""
+    """Hosts many virtual nodes in one process, sharing frozen weights (see the module docstring).
+
+    ``torch_threads`` (default 1) sets the process's torch intra-op threads: node processes share
+    the machine's cores with each other, and with more threads than free cores OpenMP's
+    spin-waiting made a tiny forward pass 10-100x slower under load (measured on this machine).
+    None leaves torch's default.
+    """
 
     def __init__(self, *, bind_host: str = "127.0.0.1", limits: NodeLimits | None = None,
-                 fetch_policy: FetchPolicy | None = None, torch_threads: int | None = None,
+                 fetch_policy: FetchPolicy | None = None, torch_threads: int | None = 1,
                  heartbeats: bool = True) -> None:
         self.bind_host = bind_host
         self.limits = limits or NodeLimits()
@@ -196,7 +195,7 @@ class NodeHost:
         """Process memory, what is shared, and every node's summary (bytes by kind included)."""
         return {
             "pid": os.getpid(),
-            "rss_bytes": _rss_bytes(),
+            "rss_bytes": rss_bytes(),
             "store": self.store.stats(),
             "nodes": [h.node.summary() | {"address": h.server.address if h.server else "",
                                           "link": h.spec.link, "errors": list(h.errors)}
@@ -239,15 +238,17 @@ class NodeHost:
             result["address"] = h.server.address
             reply = await self._register(h)
             t_reg = time.perf_counter()
+            if self.heartbeats:  # beating from now on: a long install must not look like a dead node
+                h.task = asyncio.create_task(self._heartbeat_loop(h), name=f"heartbeat-{spec.node_id}")
             refs = _merge_refs(spec.bundles, reply.bundles)
             if reply.chunk_size and not self.fetch_policy.chunk_size:
                 node.control.policy = dataclasses.replace(self.fetch_policy, chunk_size=reply.chunk_size)
             install = await node.install(refs) if refs else None
+            if node.served is not None and h.registered_shape != node.shape():
+                await self._register(h)  # announce the model's shape and bundles, unknown at first
             t_inst = time.perf_counter()
             users, failed = await self._load_users(h, list(dict.fromkeys([*spec.users, *reply.user_ids])))
-            await self._heartbeat_once(h)
-            if self.heartbeats:
-                h.task = asyncio.create_task(self._heartbeat_loop(h), name=f"heartbeat-{spec.node_id}")
+            await self._heartbeat_once(h)  # HEALTHY at once, not one interval later
             result.update(ok=node.served is not None, users=users, users_failed=failed,
                           error=None if node.served is not None else "no bundle to install",
                           install=None if install is None else {
@@ -277,6 +278,7 @@ class NodeHost:
                                n_blocks=L, n_experts=E, protocol_version=PROTOCOL_VERSION),
             metadata=node.control.metadata, timeout=node.control.timeout_s)
         h.heartbeat_ms = reply.heartbeat_interval_ms or DEFAULT_HEARTBEAT_MS
+        h.registered_shape = (L, E)
         return reply
 
     async def _load_users(self, h: HostedNode, user_ids: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -296,13 +298,10 @@ class NodeHost:
             reply = await node.control.stub.Heartbeat(node.heartbeat(), metadata=node.control.metadata,
                                                       timeout=node.control.timeout_s)
             if not reply.known:
-                reply_reg = await self._register(h)
-                new = _merge_refs((), reply_reg.bundles)
-                if new:
-                    await node.install(new)
-                await self._load_users(h, list(reply_reg.user_ids))
+                again = await self._register(h)
+                self._provision(h, list(again.bundles), list(again.user_ids))
             elif reply.bundles:
-                await node.install(list(reply.bundles))
+                self._provision(h, list(reply.bundles), [])
             if node.predictions != h.reported and node.routing is not None:
                 await node.control.stub.ReportRouting(
                     pb.RoutingReport(node_id=node.node_id, histogram=node.histogram()),
@@ -312,6 +311,27 @@ class NodeHost:
             # The coordinator may be restarting: keep serving and try again next beat.
             text = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             h.errors = (h.errors + [text])[-5:]
+        except Exception as exc:  # noqa: BLE001 - a heartbeat must never kill the node
+            log.exception("node %s: heartbeat failed", node.node_id)
+            h.errors = (h.errors + [f"{type(exc).__name__}: {exc}"])[-5:]
+
+    def _provision(self, h: HostedNode, refs: list[pb.BundleRef], users: list[str]) -> None:
+        """Install bundles and load users in the background, so that heartbeats keep flowing."""
+        if h.provisioning is not None and not h.provisioning.done():
+            return  # the next heartbeat offers whatever is still missing
+        if not refs and all(h.node.adapters.get(u) is not None for u in users):
+            return
+
+        async def run() -> None:
+            try:
+                if refs:
+                    await h.node.install(refs)
+                _, failed = await self._load_users(h, users)
+                h.errors = (h.errors + [f"user {u}: {e}" for u, e in failed.items()])[-5:]
+            except NodeError as exc:
+                h.errors = (h.errors + [f"{exc.code.name}: {exc}"])[-5:]
+
+        h.provisioning = asyncio.create_task(run(), name=f"provision-{h.node.node_id}")
 
     async def _heartbeat_loop(self, h: HostedNode) -> None:
         while True:
@@ -319,12 +339,13 @@ class NodeHost:
             await self._heartbeat_once(h)
 
     async def _stop_one(self, h: HostedNode) -> None:
-        if h.task is not None:
-            h.task.cancel()
-            try:
-                await h.task
-            except asyncio.CancelledError:
-                pass
+        for task in (h.task, h.provisioning):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         if h.server is not None:
             await h.server.stop(0.2)
         h.node.close()

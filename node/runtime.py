@@ -139,6 +139,7 @@ class VirtualNode:
         self.adapters = AdapterStore()
         self.served: ServedModel | None = None
         self.bundles: list[DecodedBundle] = []
+        self.superseded: set[tuple[str, bytes]] = set()  # (name, sha256) installed, then fully overridden
         self.mask: torch.Tensor | None = None  # (L, E) bool: experts this node has installed
         self.routing: torch.Tensor | None = None  # (L, E) long: cumulative routing counts
         self.predictions = 0  # positions counted in ``routing`` (one per prediction served)
@@ -310,10 +311,12 @@ class VirtualNode:
         return [b.name for b in self.bundles]
 
     def _held(self, ref: pb.BundleRef) -> bool:
-        for b in self.bundles:
-            if ref.sha256 and b.sha256 == bytes(ref.sha256):
+        """True for a bundle installed before: held now, or superseded by a later one (so a
+        coordinator that keeps offering a superseded bundle does not make the node refetch it)."""
+        for name, sha in [(b.name, b.sha256) for b in self.bundles] + list(self.superseded):
+            if ref.sha256 and sha == bytes(ref.sha256):
                 return True
-            if not ref.sha256 and b.name == ref.name:
+            if not ref.sha256 and name == ref.name:
                 return True
         return False
 
@@ -376,6 +379,8 @@ class VirtualNode:
             self.store.prune()
             raise InstallFailed(f"bundles do not make a model: {exc}") from None
         old = self.served
+        kept = {b.sha256 for b in bundles}
+        self.superseded |= {(b.name, b.sha256) for b in [*self.bundles, *new] if b.sha256 not in kept}
         self.served, self.bundles, self.mask = served, bundles, served.present.clone()
         self.store.release(old)
         self._drop_unfit_adapters(served)

@@ -78,7 +78,8 @@ def test_corrupt_tensor_is_fetched_again_from_its_first_byte():
     m = read_manifest(DATA)
     start, end = next((m.payload_start + e.offset, m.payload_start + e.offset + e.length) for e in m.entries
                       if m.payload_start + e.offset <= flipped < m.payload_start + e.offset + e.length)
-    assert [off for _, _, off in coord.fetches] == [0, start]
+    offsets = [off for _, _, off in coord.fetches]  # [0, start] unless the transport also cut a stream
+    assert offsets[0] == 0 and offsets.count(start) == 1 and len(offsets) == got.resumes + 1
     # the damage shows when the tensor's last byte arrives: the first stream stops with that chunk
     first_stream = min(len(DATA), ((end - 1) // 4096 + 1) * 4096)
     assert 0 < start < flipped and got.payload_bytes == first_stream + len(DATA) - start < 2 * len(DATA)
