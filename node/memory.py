@@ -105,12 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (as NodeHost sets)")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.torch_threads)
     try:
         r = measure_memory(args.preset, args.nodes, args.users, not args.no_share)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # process-wide: leave it as found when called in-process
     if args.json:
         print(json.dumps(r))
     else:

@@ -169,10 +169,15 @@ class FakeCoordinator(rpc.NodeControlServicer):
             await asyncio.sleep(0)
 
 
-async def serve_fake(coord: FakeCoordinator) -> tuple[grpc.aio.Server, str]:
-    """Start ``coord`` on a loopback port; returns the server and its address."""
+async def serve_fake(coord: FakeCoordinator, tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, str]:
+    """Start ``coord`` on a loopback port (TLS with ``(key, cert)`` PEM bytes); the server and its address."""
     server = grpc.aio.server()
     rpc.add_NodeControlServicer_to_server(coord, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls:
+        port = server.add_secure_port("localhost:0", grpc.ssl_server_credentials([tls]))
+        address = f"localhost:{port}"
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+        address = f"127.0.0.1:{port}"
     await server.start()
-    return server, f"127.0.0.1:{port}"
+    return server, address

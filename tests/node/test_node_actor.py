@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import threading
 import time
 
@@ -61,7 +63,7 @@ def test_host_runs_two_virtual_nodes_sharing_weights():
 
     async def main():
         fake, address = await serve_fake(coord)
-        host = NodeHost()
+        host = NodeHost(torch_threads=None)  # leave the test process's torch threads alone
         try:
             infos = await host.start(address, SPECS, TOKEN)
             by_id = {i["node_id"]: i for i in infos}
@@ -101,7 +103,7 @@ def test_a_node_that_cannot_install_reports_why_and_the_others_run():
 
     async def main():
         fake, address = await serve_fake(coord)
-        host = NodeHost(heartbeats=False)
+        host = NodeHost(heartbeats=False, torch_threads=None)
         try:
             infos = await host.start(address, [{"node_id": "bad", "bundles": ["base"]},
                                                {"node_id": "good", "bundles": ["other"]}], TOKEN)
@@ -124,12 +126,38 @@ def test_a_node_that_cannot_install_reports_why_and_the_others_run():
 ])
 def test_bad_specs_are_refused_before_anything_starts(spec, match):
     async def main():
-        host = NodeHost()
+        host = NodeHost(torch_threads=None)  # leave the test process's torch threads alone
         with pytest.raises(SpecError, match=match):
             await host.start("127.0.0.1:1", [spec], TOKEN)
         return host.nodes
 
     assert asyncio.run(main()) == {}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_host_reaches_a_tls_coordinator_only_with_its_certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    coord = FakeCoordinator(bundles={"base": BUNDLE})
+
+    async def main():
+        fake, address = await serve_fake(coord, tls=(key.read_bytes(), cert.read_bytes()))
+        try:
+            plain, secure = (NodeHost(heartbeats=False, torch_threads=None) for _ in range(2))
+            refused = await plain.start(address, [{"node_id": "plain", "bundles": ["base"]}], TOKEN)
+            ok = await secure.start(address, [{"node_id": "tls", "bundles": ["base"]}], TOKEN,
+                                    tls_root_cert=cert.read_bytes())
+            await plain.stop()
+            await secure.stop()
+            return refused, ok
+        finally:
+            await fake.stop(None)
+
+    refused, ok = asyncio.run(main())
+    assert not refused[0]["ok"] and refused[0]["error"].startswith("UNAVAILABLE")
+    assert ok[0]["ok"] and ok[0]["install"]["bytes_fetched"] == len(BUNDLE) and list(coord.registered) == ["tls"]
 
 
 class BackgroundFake:
