@@ -168,8 +168,10 @@ class NodeHost:
 
         Every node is started concurrently. A node that fails (registration refused, a bundle
         that does not verify) is reported with ``ok: False`` and its ``error``, and stopped; the
-        others carry on. Raises SpecError before starting anything if a spec is malformed, or a
-        node id is already hosted here. Calling it again adds nodes (same coordinator).
+        others carry on. ``ready`` says whether a node has a model to serve (one offered no bundle
+        yet stays up and installs what later heartbeats offer). Raises SpecError before starting
+        anything if a spec is malformed or a node id is already hosted here. Calling it again
+        adds nodes (same coordinator).
         """
         specs = [NodeSpec.from_dict(d) for d in node_specs]
         ids = [s.node_id for s in specs]
@@ -231,8 +233,8 @@ class NodeHost:
         node = VirtualNode(spec.node_id, store=self.store, model_name=spec.model, limits=self.limits,
                            control=self._control(counter), counter=counter)
         h = self.nodes[spec.node_id] = HostedNode(spec=spec, node=node)
-        result: dict[str, Any] = {"node_id": spec.node_id, "address": "", "ok": False, "error": None,
-                                  "model": spec.model, "link": spec.link}
+        result: dict[str, Any] = {"node_id": spec.node_id, "address": "", "ok": False, "ready": False,
+                                  "error": None, "model": spec.model, "link": spec.link}
         try:
             h.server = await start_node_server(node, self._token, host=self.bind_host)
             result["address"] = h.server.address
@@ -249,8 +251,7 @@ class NodeHost:
             t_inst = time.perf_counter()
             users, failed = await self._load_users(h, list(dict.fromkeys([*spec.users, *reply.user_ids])))
             await self._heartbeat_once(h)  # HEALTHY at once, not one interval later
-            result.update(ok=node.served is not None, users=users, users_failed=failed,
-                          error=None if node.served is not None else "no bundle to install",
+            result.update(ok=True, ready=node.served is not None, users=users, users_failed=failed,
                           install=None if install is None else {
                               "installed": install.installed, "fetched": install.fetched,
                               "bytes_fetched": install.bytes_fetched, "resumes": install.resumes,
@@ -258,8 +259,7 @@ class NodeHost:
                           seconds={"register": round(t_reg - t0, 4), "install": round(t_inst - t_reg, 4),
                                    "total": round(time.perf_counter() - t0, 4)})
         except (NodeError, grpc.aio.AioRpcError, OSError) as exc:
-            msg = (f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError)
-                   else f"{exc.code.name}: {exc}" if isinstance(exc, NodeError) else f"{type(exc).__name__}: {exc}")
+            msg = _describe(exc)
             log.warning("node %s failed to start: %s", spec.node_id, msg)
             result["error"] = msg
             self.nodes.pop(spec.node_id, None)
@@ -309,8 +309,7 @@ class NodeHost:
                 h.reported = node.predictions
         except (grpc.aio.AioRpcError, NodeError) as exc:
             # The coordinator may be restarting: keep serving and try again next beat.
-            text = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            h.errors = (h.errors + [text])[-5:]
+            h.errors = (h.errors + [_describe(exc)])[-5:]
         except Exception as exc:  # noqa: BLE001 - a heartbeat must never kill the node
             log.exception("node %s: heartbeat failed", node.node_id)
             h.errors = (h.errors + [f"{type(exc).__name__}: {exc}"])[-5:]
@@ -329,7 +328,7 @@ class NodeHost:
                 _, failed = await self._load_users(h, users)
                 h.errors = (h.errors + [f"user {u}: {e}" for u, e in failed.items()])[-5:]
             except NodeError as exc:
-                h.errors = (h.errors + [f"{exc.code.name}: {exc}"])[-5:]
+                h.errors = (h.errors + [_describe(exc)])[-5:]
 
         h.provisioning = asyncio.create_task(run(), name=f"provision-{h.node.node_id}")
 
@@ -349,6 +348,15 @@ class NodeHost:
         if h.server is not None:
             await h.server.stop(0.2)
         h.node.close()
+
+
+def _describe(exc: BaseException) -> str:
+    """One line naming the status code (gRPC errors and NodeErrors) and what went wrong."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, NodeError):
+        return f"{exc.code.name}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _merge_refs(spec_refs, reply_refs) -> list[pb.BundleRef]:

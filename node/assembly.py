@@ -192,7 +192,10 @@ class WeightStore:
         return z
 
     def acquire(self, bundles: Iterable[DecodedBundle]) -> ServedModel:
-        """The served model of ``bundles`` (in install order), built once and shared; AssemblyError if they do not make one."""
+        """The served model of ``bundles`` (in install order), built once and shared.
+
+        AssemblyError if they do not make a model.
+        """
         bundles = list(bundles)
         key = tuple(b.sha256 for b in bundles)
         with self._mutex:

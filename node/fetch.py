@@ -138,7 +138,8 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
                     broken = str(exc)
                     break
                 except BundleError as exc:  # well-formed but not for us (an unknown codec...)
-                    raise FetchError(f"bundle {ref.name!r} refused: {exc}", grpc.StatusCode.FAILED_PRECONDITION) from None
+                    raise FetchError(f"bundle {ref.name!r} refused: {exc}",
+                                     grpc.StatusCode.FAILED_PRECONDITION) from None
                 if len(got.buf) == total:
                     break
         except grpc.aio.AioRpcError as exc:

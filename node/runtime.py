@@ -248,7 +248,8 @@ class VirtualNode:
                               temperature, k, seed, frozenset(stop_ids))
 
     async def _generate(self, served: ServedModel, mask: torch.Tensor, ids: torch.Tensor, tensors, max_new: int,
-                        temperature: float, k: int, seed: int, stop: frozenset[int]) -> AsyncIterator[tuple[int, float, int]]:
+                        temperature: float, k: int, seed: int,
+                        stop: frozenset[int]) -> AsyncIterator[tuple[int, float, int]]:
         gen = torch.Generator().manual_seed(seed)
         seq = ids
         for i in range(max_new):
@@ -337,7 +338,8 @@ class VirtualNode:
                 raise InvalidRequest(f"bundle {ref.name!r}: sha256 must be 32 bytes, got {len(ref.sha256)}")
         async with self._install_lock:
             t0 = time.perf_counter()
-            todo = [r for r in refs if not self._held(r)]
+            unique = {(r.name, bytes(r.sha256)): r for r in refs}.values()
+            todo = [r for r in unique if not self._held(r)]
             result = InstallResult(installed=[], fetched=[], bytes_fetched=0)
             if todo and self.control is None:
                 raise NoModel(f"node {self.node_id} has no coordinator link to fetch bundles from")

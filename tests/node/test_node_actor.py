@@ -48,7 +48,7 @@ async def score_on(address: str, user: str = "") -> torch.Tensor:
 
 def check_started(infos: list[dict], coord: FakeCoordinator) -> None:
     by_id = {i["node_id"]: i for i in infos}
-    assert all(i["ok"] and i["error"] is None for i in infos), infos
+    assert all(i["ok"] and i["ready"] and i["error"] is None for i in infos), infos
     assert by_id["n1"]["users"] == ["alice", "bob"] and by_id["n2"]["users"] == ["carol"]
     assert by_id["n1"]["link"] == "adsl" and by_id["n1"]["address"] != by_id["n2"]["address"]
     for nid in ("n1", "n2"):
