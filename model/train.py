@@ -69,7 +69,7 @@ def train(
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     for p in model.parameters():

@@ -51,11 +51,22 @@ class ModelSection:
 
     expert_codec: str = "int8"
     other_codec: str = "fp16"
-    specialists: list[str] = field(default_factory=lambda: ["programmer", "novelist", "scientist", "journalist"])
+    # Personas whose specialist each gets a node of its own (for mixtures). ["auto"]: the four
+    # synthetic personas, fewer when the federation is small (always leaving two base nodes).
+    specialists: list[str] = field(default_factory=lambda: ["auto"])
 
     def validate(self) -> None:
         """Raise ScenarioError on out-of-range values."""
         _check(bool(self.expert_codec), "model.expert_codec", "must not be empty")
+        _check(len(set(self.specialists)) == len(self.specialists), "model.specialists", "has duplicates")
+        _check("auto" not in self.specialists or self.specialists == ["auto"], "model.specialists",
+               '"auto" stands alone')
+
+    def resolved_specialists(self, nodes: int) -> list[str]:
+        """The specialist personas, with "auto" resolved for a federation of ``nodes`` nodes."""
+        if self.specialists == ["auto"]:
+            return ["programmer", "novelist", "scientist", "journalist"][:max(0, min(4, nodes - 2))]
+        return list(self.specialists)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,6 +165,9 @@ class Scenario:
                 sec.validate()
         _check(self.faults.kill_nodes < self.federation.nodes, "faults.kill_nodes",
                "must leave at least one node alive")
+        n_spec = len(self.model.resolved_specialists(self.federation.nodes))
+        _check(n_spec < self.federation.nodes, "model.specialists",
+               f"{n_spec} specialist nodes leave no base node among federation.nodes = {self.federation.nodes}")
         return self
 
     def to_dict(self) -> dict:

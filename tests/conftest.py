@@ -22,6 +22,11 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["FRACTAL_CACHE"] = _SESSION_CACHE
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    # one compute thread: tests, Ray actors and servers share 2 cores, and oversubscribed
+    # intra-op threads make small models tens of times slower
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,299 @@
+"""A running federation on this machine: bundles, the gRPC coordinator, Ray node actors, users.
+
+`LocalFederation` is what `sim.run` (and the tests and benchmarks) start and stop. Everything
+between the coordinator and the nodes is real gRPC on loopback sockets; nodes are Ray actors
+(on a local Ray, or on an existing cluster given its address).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import ray
+from tqdm.auto import tqdm
+
+from coordinator.config import CoordinatorConfig
+from coordinator.server import CoordinatorHandle, serve
+from model.codecs import encode_state_dict
+from model.pipeline import Suite
+from node.actor import NodeActor
+from node.adapters import encode_adapter
+from proto import federation_pb2 as pb
+from proto import federation_pb2_grpc as rpc
+from proto.bundle import write_bundle
+
+from .scenario import Scenario
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+
+
+class FederationError(RuntimeError):
+    """The federation could not be started as the scenario asks."""
+
+
+@dataclass
+class BundleInfo:
+    """A bundle written for shipping: which model, which codec, how big."""
+
+    name: str
+    path: Path
+    model: str  # "base" or a specialist persona
+    codec: str
+    size: int
+    sha256: str
+    tensors: int
+
+
+@dataclass
+class NodePlan:
+    """What one node of the federation is to hold."""
+
+    node_id: str
+    index: int
+    model: str  # "base" or a specialist persona
+    bundle: str
+    users: list[str] = field(default_factory=list)
+    link: str = ""
+
+
+def plan_nodes(scn: Scenario, known_users: list[str], links: list[str]) -> list[NodePlan]:
+    """Which node holds what: one node per specialist first, then base nodes holding the users.
+
+    Users are dealt round-robin over the base nodes (each user's adapter lives on exactly one node).
+    """
+    n = scn.federation.nodes
+    specialists = list(scn.model.resolved_specialists(scn.federation.nodes))
+    if len(specialists) >= n:
+        raise FederationError(f"model.specialists: {len(specialists)} specialist nodes leave no base node "
+                              f"among federation.nodes = {n}")
+    codec = scn.model.expert_codec
+    plans = []
+    for i in range(n):
+        model = specialists[i] if i < len(specialists) else "base"
+        plans.append(NodePlan(node_id=f"node-{i:04d}", index=i, model=model, bundle=f"{model}-{codec}",
+                              link=links[i]))
+    base_nodes = [p for p in plans if p.model == "base"]
+    for k, user in enumerate(known_users):
+        base_nodes[k % len(base_nodes)].users.append(user)
+    return plans
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """gRPC metadata carrying a bearer token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+class LocalFederation:
+    """Start and stop a whole federation for a scenario. Use ``async with`` or start()/stop()."""
+
+    def __init__(self, scn: Scenario, suite: Suite, workdir: Path, *, link_names: list[str],
+                 progress: bool = True) -> None:
+        self.scn = scn
+        self.suite = suite
+        self.workdir = Path(workdir)
+        self.progress = progress
+        self.admin_token = secrets.token_urlsafe(24)
+        self.node_token = secrets.token_urlsafe(24)
+        self.user_tokens: dict[str, str] = {}
+        self.bundles: dict[str, BundleInfo] = {}
+        self.plans = plan_nodes(scn, suite.known_users, link_names)
+        self.handle: CoordinatorHandle | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: rpc.FederationStub | None = None
+        self.actors: list = []
+        self.actor_nodes: list[list[str]] = []
+        self.node_results: dict[str, dict] = {}
+        self.phases: dict[str, float] = {}  # wall seconds per start-up phase
+        self._ray_started_here = False
+
+    # ---- start-up ---------------------------------------------------------------------------
+    async def __aenter__(self) -> "LocalFederation":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def model_state(self, model: str):
+        """Weights of ``model`` ("base" or a specialist persona)."""
+        return self.suite.base_state() if model == "base" else self.suite.specialist_state(model)
+
+    def write_bundles(self) -> None:
+        """Encode each model the nodes need with the scenario's codecs and write it as a bundle."""
+        out = self.workdir / "bundles"
+        out.mkdir(parents=True, exist_ok=True)
+        codec, other = self.scn.model.expert_codec, self.scn.model.other_codec
+        cfg = dataclasses.asdict(self.suite.preset.model)
+        for model in dict.fromkeys(p.model for p in self.plans):
+            name = f"{model}-{codec}"
+            path = out / f"{name}.ffb"
+            entries = encode_state_dict(self.model_state(model), expert_codec=codec, other_codec=other)
+            meta = {"preset": self.suite.preset.name, "seed": self.suite.seed, "model": model,
+                    "expert_codec": codec, "other_codec": other, "model_config": cfg}
+            size = write_bundle(path, entries, meta)
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            self.bundles[name] = BundleInfo(name=name, path=path, model=model, codec=codec, size=size,
+                                            sha256=sha, tensors=len(entries))
+
+    async def start_coordinator(self) -> None:
+        """Serve the coordinator in this process (its own gRPC server on a loopback port)."""
+        cfg = CoordinatorConfig(
+            db_path=self.workdir / "coordinator.db", bundle_dir=self.workdir / "store",
+            admin_token=self.admin_token, node_token=self.node_token,
+            tokenizer_path=self.suite.tokenizer_path,
+            # heartbeats of many nodes share 2 cores with the model: give them slack
+            heartbeat_interval_ms=max(2000, 100 * self.scn.federation.nodes),
+            max_concurrent_rpcs=max(64, 4 * self.scn.workload.concurrency),
+            node_timeout_s=120.0,
+        )
+        self.handle = await serve(cfg)
+        for b in self.bundles.values():
+            self.handle.store.put_file(b.name, b.path, model=b.model, codec=b.codec)
+        self.channel = grpc.aio.insecure_channel(self.handle.address, options=CHANNEL_OPTIONS)
+        self.stub = rpc.FederationStub(self.channel)
+
+    async def put_users(self) -> None:
+        """Register every user with the coordinator: known users with their adapters, unknown without."""
+        assert self.stub is not None
+        personas = {name: src.persona for name, src in self.suite.sources.items()}
+        for user in self.suite.known_users:
+            blob = encode_adapter(self.suite.adapter_state(user))
+            adapter = pb.Adapter(user_id=user, format="safetensors", data=blob, sha256=hashlib.sha256(blob).digest())
+            reply = await self.stub.PutUser(pb.PutUserRequest(user_id=user, persona=personas[user], adapter=adapter,
+                                                              rotate_token=True), metadata=bearer(self.admin_token))
+            self.user_tokens[user] = reply.token
+        for user in self.suite.unknown_users:
+            reply = await self.stub.PutUser(pb.PutUserRequest(user_id=user, persona=personas[user], rotate_token=True),
+                                            metadata=bearer(self.admin_token))
+            self.user_tokens[user] = reply.token
+
+    def start_ray(self) -> None:
+        """Connect to the scenario's Ray cluster, or start a local one."""
+        if ray.is_initialized():
+            return
+        address = self.scn.federation.address or None
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 logging_level="warning")
+        self._ray_started_here = True
+
+    async def start_nodes(self) -> None:
+        """Start the node actors, have every node register, fetch and install its bundle."""
+        assert self.handle is not None
+        per = self.scn.federation.nodes_per_actor
+        groups = [self.plans[i:i + per] for i in range(0, len(self.plans), per)]
+        # num_cpus=0: node actors mostly wait on sockets; Ray must not cap them at one per core
+        self.actors = [NodeActor.options(num_cpus=0, max_concurrency=1000).remote(torch_threads=1)
+                       for _ in groups]
+        self.actor_nodes = [[p.node_id for p in g] for g in groups]
+        refs = []
+        for actor, group in zip(self.actors, groups):
+            specs = []
+            for p in group:
+                b = self.bundles[p.bundle]
+                specs.append({"node_id": p.node_id, "model": p.model, "codec": b.codec, "link": p.link,
+                              "bundles": [{"name": b.name, "size": b.size, "sha256": b.sha256,
+                                           "model": b.model, "codec": b.codec}]})
+            refs.append(actor.start.remote(self.handle.address, specs, self.node_token))
+        bar = tqdm(total=len(self.plans), desc="ship bundles", unit="node", disable=not self.progress,
+                   dynamic_ncols=True)
+        pending = {asyncio.ensure_future(asyncio.wrap_future(r.future())) for r in refs}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                for res in fut.result():
+                    self.node_results[res["node_id"]] = res
+                    bar.update(1)
+        bar.close()
+        failed = [nid for nid, r in self.node_results.items() if not r.get("ok", False)]
+        if failed:
+            raise FederationError(f"{len(failed)} node(s) failed to start, first {failed[0]}: "
+                                  f"{self.node_results[failed[0]].get('error')}")
+        await self.wait_healthy(len(self.plans))
+
+    async def wait_healthy(self, n: int, timeout: float = 120.0) -> None:
+        """Wait until the coordinator sees ``n`` healthy nodes."""
+        assert self.stub is not None
+        t0 = time.monotonic()
+        while True:
+            reply = await self.stub.ListNodes(pb.ListNodesRequest(state=pb.NODE_STATE_HEALTHY),
+                                              metadata=bearer(self.admin_token))
+            if len(reply.nodes) >= n:
+                return
+            if time.monotonic() - t0 > timeout:
+                raise FederationError(f"only {len(reply.nodes)} of {n} nodes healthy after {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+
+    async def assign_users(self) -> None:
+        """Place each known user's adapter on the node the plan gives it (the coordinator ships it)."""
+        assert self.stub is not None
+        sem = asyncio.Semaphore(16)
+
+        async def one(user: str, node_id: str) -> None:
+            async with sem:
+                await self.stub.AssignUser(pb.AssignUserRequest(user_id=user, node_id=node_id),
+                                           metadata=bearer(self.admin_token))
+        await asyncio.gather(*(one(u, p.node_id) for p in self.plans for u in p.users))
+
+    async def start(self) -> None:
+        """Bring the whole federation up, timing each phase (wall seconds)."""
+        t = time.perf_counter()
+        self.write_bundles()
+        self.phases["write_bundles"] = time.perf_counter() - t
+        t = time.perf_counter()
+        await self.start_coordinator()
+        await self.put_users()
+        self.phases["coordinator"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.start_ray()
+        self.phases["ray_init"] = time.perf_counter() - t
+        t = time.perf_counter()
+        await self.start_nodes()
+        self.phases["nodes_up_and_loaded"] = time.perf_counter() - t
+        t = time.perf_counter()
+        await self.assign_users()
+        self.phases["assign_users"] = time.perf_counter() - t
+
+    async def stop(self) -> None:
+        """Stop nodes, the coordinator, and Ray if this federation started it."""
+        for actor in self.actors:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(actor.stop.remote().future()), 30)
+            except Exception:  # noqa: BLE001 - a node already gone (killed by a fault) is fine here
+                pass
+            ray.kill(actor)
+        self.actors = []
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+        if self.handle is not None:
+            await self.handle.stop()
+            self.handle = None
+        if self._ray_started_here:
+            ray.shutdown()
+            self._ray_started_here = False
+
+    # ---- helpers for the workload -----------------------------------------------------------
+    def token(self, user: str) -> tuple[tuple[str, str]]:
+        """Metadata for ``user``'s own bearer token (the admin's for "")."""
+        return bearer(self.user_tokens[user] if user else self.admin_token)
+
+    @property
+    def admin(self) -> tuple[tuple[str, str]]:
+        """Metadata carrying the admin token."""
+        return bearer(self.admin_token)
+
+    def actor_count(self) -> int:
+        """Ray actors hosting the nodes."""
+        return len(self.actors)
+
+    def actors_needed(self) -> int:
+        """Actors the scenario's packing asks for."""
+        return math.ceil(len(self.plans) / self.scn.federation.nodes_per_actor)

@@ -1,0 +1,209 @@
+"""`python -m sim.run`: start a federation, drive a workload through its gRPC API, write a report.
+
+    python -m sim.run --nodes 32                       # the embedded defaults (preset small)
+    python -m sim.run --scenario scenarios/slow_links.toml --out runs/slow
+    python -m sim.run --nodes 4 --preset tiny --address 127.0.0.1:6379   # an existing Ray cluster
+
+Writes DIR/report.json, DIR/report.md, DIR/events.jsonl and PNG plots (DIR defaults to runs/latest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from model.config import ConfigError, get_preset
+from model.corpora import CorpusError
+from model.pipeline import Suite
+
+from . import extras, network
+from .federation import FederationError, LocalFederation
+from .report import simulate_shipping, stats_to_dict, summarise_latencies, write_report
+from .scenario import Scenario, ScenarioError, load, override
+from .workload import Driver
+
+log = logging.getLogger("sim.run")
+
+
+def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool = True) -> Suite:
+    """Train or load (cache) every model the scenario needs."""
+    preset = get_preset(scn.federation.preset)
+    if scn.federation.users_per_persona:
+        preset = dataclasses.replace(preset, users_per_persona=scn.federation.users_per_persona)
+    suite = Suite(preset, scn.federation.seed, corpus_dir=corpus_dir, progress=progress)
+    bad = [s for s in scn.model.resolved_specialists(scn.federation.nodes) if s not in suite.personas]
+    if bad:
+        raise ScenarioError(f"model.specialists: {bad[0]!r} is not a training persona "
+                            f"({', '.join(suite.personas)})")
+    suite.base_state()
+    for s in scn.model.resolved_specialists(scn.federation.nodes):
+        suite.specialist_state(s)
+    for u in suite.known_users:
+        suite.adapter_state(u)
+    return suite
+
+
+def link_names(scn: Scenario) -> tuple[list[str], dict[str, network.LinkProfile]]:
+    """Each node's link profile name (by index) and the profiles by node id."""
+    n = scn.federation.nodes
+    profiles = network.assign_links(n, default=scn.network.default_link, ranges=scn.network.links,
+                                    profiles=scn.network.profiles)
+    names = [scn.network.default_link] * n
+    for key, name in scn.network.links.items():
+        lo, _, hi = key.partition("-")
+        for i in range(int(lo), int(hi or lo) + 1):
+            names[i] = name
+    return names, {f"node-{i:04d}": p for i, p in enumerate(profiles)}
+
+
+async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None, progress: bool = True,
+                         corpus_dir: str | None = None, extra=None) -> dict:
+    """Run the scenario end to end and return the report (also written into ``out``).
+
+    ``extra``, if given, is an async callable ``extra(fed, report)`` run after the workload
+    (the prefetch sweep and fault injection plug in there) that may add sections to the report.
+    """
+    t_start = time.perf_counter()
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+    suite = suite or build_suite(scn, corpus_dir=corpus_dir, progress=progress)
+    phases["models (train or cache)"] = time.perf_counter() - t
+    names, links = link_names(scn)
+    out.mkdir(parents=True, exist_ok=True)
+    fed = LocalFederation(scn, suite, out / "work", link_names=names, progress=progress)
+    report: dict = {}
+    try:
+        await fed.start()
+        phases.update(fed.phases)
+        t = time.perf_counter()
+        workload = await Driver(fed).run()
+        phases["workload"] = time.perf_counter() - t
+        stats = stats_to_dict(fed.handle.traffic.stats())
+        report = assemble(scn, fed, stats, workload, links)
+        if extra is not None:
+            t = time.perf_counter()
+            await extra(fed, report)
+            phases["extra"] = time.perf_counter() - t
+    finally:
+        await fed.stop()
+    report["wall_phases"] = {k: round(v, 2) for k, v in phases.items()}
+    report["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    report["model_timings"] = suite.timings
+    write_report(report, out, report.pop("_events"))
+    return report
+
+
+def assemble(scn: Scenario, fed: LocalFederation, stats: dict, workload, links) -> dict:
+    """The report's body from the coordinator's counters, the network model and the workload."""
+    by_kind = {k: v["sent"] + v["received"] for k, v in stats["by_kind"].items()}
+    plan = {p.node_id: p for p in fed.plans}
+    nodes_in = [{"node": nid, "by_kind": stats["by_node"].get(nid, {})} for nid in plan]
+    shipped, events = simulate_shipping(nodes_in, links, scn.network.egress_mbps * 1e6)
+    per_node = []
+    for nid, p in plan.items():
+        kinds = stats["by_node"].get(nid, {})
+        per_node.append({
+            "node": nid, "model": p.model, "link": p.link, "users": p.users,
+            "bytes": sum(v["sent"] + v["received"] for v in kinds.values()),
+            "bytes_by_kind": {k: v["sent"] + v["received"] for k, v in kinds.items()},
+            "bundle_payload_bytes": kinds.get("BUNDLE", {}).get("payload", 0),
+            "virtual_seconds": round(shipped.get(nid, 0.0), 4),
+        })
+    users = workload.users
+    ratios = [u["own_ppl"] / u["base_ppl"] for u in users]
+    by_kind_lat = {}
+    for kind in sorted({r["kind"] for r in workload.requests}):
+        by_kind_lat[kind] = summarise_latencies([r["wall_s"] for r in workload.requests if r["kind"] == kind and r["ok"]])
+    ship_times = sorted(shipped.values()) or [0.0]
+    return {
+        "scenario": scn.to_dict(),
+        "nodes": len(fed.plans),
+        "actors": fed.actor_count(),
+        "bytes_total": stats["bytes_total"],
+        "bytes_by_kind": by_kind,
+        "bytes_detail": stats["by_kind"],
+        "bundles": [{"name": b.name, "model": b.model, "codec": b.codec, "size": b.size, "sha256": b.sha256,
+                     "tensors": b.tensors} for b in fed.bundles.values()],
+        "per_node": per_node,
+        "virtual": {"shipping_makespan_s": round(ship_times[-1], 4),
+                    "shipping_median_s": round(statistics.median(ship_times), 4),
+                    "links": {name: dataclasses.asdict(links[nid]) for nid, name in
+                              ((p.node_id, p.link) for p in fed.plans)},
+                    "note": "virtual seconds from the network model applied to measured bytes"},
+        "quality": {
+            "users": users,
+            "unknown": workload.unknown,
+            "mixtures": workload.mixtures,
+            "generations": workload.generations,
+            "summary": {"users": len(users), "own_beats_base": sum(u["own_beats_base"] for u in users),
+                        "median_own_over_base": round(statistics.median(ratios), 4) if ratios else None},
+        },
+        "requests": {"total": len(workload.requests), "failed": sum(not r["ok"] for r in workload.requests),
+                     "errors": workload.errors[:20], "by_kind": by_kind_lat},
+        "coordinator_requests": {k: stats[k] for k in ("requests_ok", "requests_failed", "requests_shed",
+                                                      "requests_failed_over")},
+        "_events": events,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line arguments; flags given override the scenario's values."""
+    ap = argparse.ArgumentParser(prog="python -m sim.run", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--nodes", type=int, help="number of federation nodes (default 32)")
+    ap.add_argument("--preset", choices=["tiny", "small", "30m"], help="model preset (default small)")
+    ap.add_argument("--scenario", metavar="FILE.toml", help="scenario file (see scenarios/)")
+    ap.add_argument("--address", help="address of an existing Ray cluster (default: start a local Ray)")
+    ap.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
+    ap.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
+    ap.add_argument("--codec", help="codec of the expert weights on the wire (default int8)")
+    ap.add_argument("--nodes-per-actor", type=int, help="virtual nodes packed into one Ray actor (default 1)")
+    ap.add_argument("--corpus", metavar="DIR", help="your own users' text: one sub-folder per user")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap.parse_args(argv)
+
+
+def scenario_from_args(args: argparse.Namespace) -> Scenario:
+    """The scenario file (or the defaults) with the command line's overrides applied."""
+    scn = load(args.scenario) if args.scenario else Scenario().validate()
+    scn = override(scn, "federation", nodes=args.nodes, preset=args.preset, seed=args.seed,
+                   address=args.address, nodes_per_actor=args.nodes_per_actor)
+    return override(scn, "model", expert_codec=args.codec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m sim.run`."""
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's fork notices from Ray's workers are noise here
+    try:
+        scn = scenario_from_args(args)
+        extra = extras.for_scenario(scn)
+        report = asyncio.run(run_federation(scn, Path(args.out), progress=not args.quiet, corpus_dir=args.corpus,
+                                            extra=extra))
+    except (ScenarioError, ConfigError, CorpusError, FederationError, network.NetworkError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    q = report["quality"]["summary"]
+    print(f"{report['nodes']} nodes, {report['bytes_total'] / 1e6:.1f} MB crossed the coordinator boundary "
+          f"({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in report['bytes_by_kind'].items())}); "
+          f"virtual shipping {report['virtual']['shipping_makespan_s']:.1f} s, wall {report['wall_seconds']:.1f} s; "
+          f"own adapter beats base for {q['own_beats_base']}/{q['users']} users; "
+          f"{report['requests']['failed']} of {report['requests']['total']} requests failed")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
