@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 DEFAULT_HEARTBEAT_MS = 2000
+REGISTER_ATTEMPTS = 4
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+              grpc.StatusCode.DEADLINE_EXCEEDED}
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 * 1024 * 1024),
                    ("grpc.max_send_message_length", 8 * 1024 * 1024)]
 
@@ -247,7 +250,10 @@ class NodeHost:
                 node.control.policy = dataclasses.replace(self.fetch_policy, chunk_size=reply.chunk_size)
             install = await node.install(refs) if refs else None
             if node.served is not None and h.registered_shape != node.shape():
-                await self._register(h)  # announce the model's shape and bundles, unknown at first
+                try:  # announce the model's shape and bundles, unknown at first; best effort
+                    await self._register(h)
+                except grpc.aio.AioRpcError as exc:
+                    h.errors.append(f"announcing the model shape: {_describe(exc)}")
             t_inst = time.perf_counter()
             users, failed = await self._load_users(h, list(dict.fromkeys([*spec.users, *reply.user_ids])))
             await self._heartbeat_once(h)  # HEALTHY at once, not one interval later
@@ -272,11 +278,19 @@ class NodeHost:
         L, E = node.shape()
         installed = [pb.BundleRef(name=b.name, size=b.size, sha256=b.sha256, model=b.model, codec=b.codec)
                      for b in node.bundles]
-        reply = await node.control.stub.Register(
-            pb.RegisterRequest(node_id=node.node_id, address=h.server.address, model=node.model_name,
-                               codec=h.spec.codec, installed=installed, user_ids=node.adapters.user_ids(),
-                               n_blocks=L, n_experts=E, protocol_version=PROTOCOL_VERSION),
-            metadata=node.control.metadata, timeout=node.control.timeout_s)
+        request = pb.RegisterRequest(node_id=node.node_id, address=h.server.address, model=node.model_name,
+                                     codec=h.spec.codec, installed=installed, user_ids=node.adapters.user_ids(),
+                                     n_blocks=L, n_experts=E, protocol_version=PROTOCOL_VERSION)
+        for attempt in range(REGISTER_ATTEMPTS):
+            try:
+                reply = await node.control.stub.Register(request, metadata=node.control.metadata,
+                                                         timeout=node.control.timeout_s)
+                break
+            except grpc.aio.AioRpcError as exc:
+                # A busy coordinator sheds or cancels calls under load (seen with 1,024 nodes): retry.
+                if exc.code() not in _TRANSIENT or attempt == REGISTER_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.2 * 2 ** attempt)
         h.heartbeat_ms = reply.heartbeat_interval_ms or DEFAULT_HEARTBEAT_MS
         h.registered_shape = (L, E)
         return reply
