@@ -1,14 +1,17 @@
 """Training a Soup-of-Experts bank: the meta-distribution over domain weights, batches drawn from a
-mixture of persona corpora, the training loop, and the cached bank of a `Suite`.
+mixture of persona corpora, the training loop, and cached training (of a bank, and of the
+same-compute fine-tune it is compared with).
 
 Each step draws domain weights h from the meta-distribution (``support`` personas chosen uniformly,
 Dirichlet weights over them), instantiates the model for h, and takes one AdamW step on a batch whose
 every sequence comes from a persona drawn from h. S starts at the trained base, so the bank trains
-in minutes; the trained bank is cached (safetensors) under a key of its config and the base's key.
+in minutes; the trained bank is cached (safetensors) under a key of its config and of the content of
+the base and the text it trained from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Sequence
 
@@ -16,8 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache
-from .config import ConfigError, TrainConfig, config_key
+from .config import ConfigError, ModelConfig, TrainConfig, config_key
 from .data import WindowSampler
+from .fractal_moe import build_model
 from .soup_of_experts import SoupConfig, SoupError, SoupOfExperts
 from .train import lr_at, train
 
@@ -69,16 +73,20 @@ def train_soup(soup: SoupOfExperts, streams: Sequence[torch.Tensor], *, progress
     if cfg.seq_len > soup.model_cfg.context:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's context {soup.model_cfg.context}")
     tc = cfg.train_config()
-    # decay follows the model parameter's own rank: a bank of norm gains (n, C) is not a matrix
-    decay, no_decay = [], []
-    for d in (soup.shared, soup.bank, soup.bank_u, soup.bank_v):
-        for k, p in d.items():
-            (decay if soup.shared[k].dim() >= 2 else no_decay).append(p)
-    for p in soup.mlp.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    params = decay + no_decay
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    # decay follows the model parameter's own rank: a bank of norm gains (n, C) is not a matrix;
+    # the bank and the MLP may take a larger step than S, which starts trained
+    groups: list[dict] = []
+    for dicts, scale in (((soup.shared,), 1.0),
+                         ((soup.bank, soup.bank_u, soup.bank_v), cfg.bank_lr_scale)):
+        for decays in (True, False):
+            ps = [p for d in dicts for k, p in d.items() if (soup.shared[k].dim() >= 2) == decays]
+            groups.append({"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0, "scale": scale})
+    for decays in (True, False):
+        ps = [p for p in soup.mlp.parameters() if (p.dim() >= 2) == decays]
+        groups.append({"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0, "scale": cfg.mlp_lr_scale})
+    groups = [g for g in groups if g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = MixtureSampler(streams, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 1)
     soup.train()
@@ -87,7 +95,7 @@ def train_soup(soup: SoupOfExperts, streams: Sequence[torch.Tensor], *, progress
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
+            g["lr"] = lr_at(step, tc) * g["scale"]
         h = sample_domain_weights(len(soup.domains), cfg.support, cfg.concentration, gen)  # (D,)
         x, y = sampler(h)
         out = soup(h, x, y)
@@ -105,44 +113,69 @@ def train_soup(soup: SoupOfExperts, streams: Sequence[torch.Tensor], *, progress
     return losses
 
 
-# ---- cached training from a Suite -----------------------------------------------------------------
+# ---- cached training ------------------------------------------------------------------------------
 
-def soup_key(suite, cfg: SoupConfig) -> str:
-    """Cache key of the bank of ``cfg`` trained from ``suite``'s base on its training personas."""
-    return config_key("soup-of-experts", suite.base_key, cfg, list(suite.personas))
+def content_hash(state: dict[str, torch.Tensor] | None = None, streams: Sequence[torch.Tensor] = ()) -> str:
+    """A short hash of a state dict's tensors and of token streams: what a cache key must cover."""
+    h = hashlib.sha256()
+    for name in sorted(state or {}):
+        h.update(name.encode())
+        h.update(state[name].detach().contiguous().cpu().numpy().tobytes())
+    for s in streams:
+        h.update(b"\0stream")
+        h.update(s.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
-def trained_soup(suite, cfg: SoupConfig) -> SoupOfExperts:
-    """The bank of ``cfg`` for ``suite`` (a `model.pipeline.Suite`): S from its base, trained on its
-    training personas; loaded from the cache when present (and ``suite.use_cache``)."""
-    if cfg.support > len(suite.personas):
-        raise ConfigError(f"support {cfg.support} exceeds the {len(suite.personas)} training personas")
-    soup = SoupOfExperts(suite.preset.model, cfg, suite.personas, shared=suite.base_state(), seed=suite.seed)
-    path = cache.entry_path("soup-of-experts", soup_key(suite, cfg))
+def trained_soup(model_cfg: ModelConfig, cfg: SoupConfig, domains: Sequence[str], streams: Sequence[torch.Tensor],
+                 *, shared: dict[str, torch.Tensor], seed: int = 0, use_cache: bool = True,
+                 progress: bool = False) -> tuple[SoupOfExperts, dict]:
+    """The bank of ``cfg`` with S initialised from ``shared`` (e.g. the trained base) and trained on
+    ``streams`` (one per domain), and {"seconds", "cached", "final_loss"}.
+
+    Cached as safetensors under a key of the configs, the domains and the content of ``shared`` and
+    ``streams``, so any change of base or text retrains.
+    """
+    if cfg.support > len(domains):
+        raise ConfigError(f"support {cfg.support} exceeds the {len(domains)} domains")
+    soup = SoupOfExperts(model_cfg, cfg, domains, shared=shared, seed=seed)
+    key = config_key("soup-of-experts", model_cfg, cfg, list(domains), seed, content_hash(shared, streams))
+    path = cache.entry_path("soup-of-experts", key)
     t0 = time.perf_counter()
-    part = f"soup:{cfg.kind}:n{cfg.bank_size}:s{cfg.support}"
-    if path.exists() and suite.use_cache:
+    if path.exists() and use_cache:
         soup.load_state_dict(cache.load_weights(path))
         soup.eval()
-        suite.timings[part] = {"seconds": round(time.perf_counter() - t0, 2), "cached": True}
-        return soup
-    losses = train_soup(soup, [suite.ids(p, "train") for p in suite.personas], progress=suite.progress, desc=part)
+        meta = cache.load_meta(path)
+        return soup, {"seconds": round(time.perf_counter() - t0, 2), "cached": True,
+                      "final_loss": meta.get("final_loss")}
+    losses = train_soup(soup, streams, progress=progress, desc=f"soup {cfg.kind} n={cfg.bank_size} s={cfg.support}")
     cache.save_weights(path, soup.state_dict(), {"final_loss": losses[-1] if losses else None, "steps": cfg.steps,
-                                                 "domains": list(soup.domains)})
-    suite.timings[part] = {"seconds": round(time.perf_counter() - t0, 2), "cached": False}
+                                                 "domains": list(domains)})
+    return soup, {"seconds": round(time.perf_counter() - t0, 2), "cached": False,
+                  "final_loss": losses[-1] if losses else None}
+
+
+def suite_soup(suite, cfg: SoupConfig) -> SoupOfExperts:
+    """The bank of ``cfg`` for a `model.pipeline.Suite`: S from its base, trained on its training personas."""
+    soup, info = trained_soup(suite.preset.model, cfg, suite.personas, [suite.ids(p, "train") for p in suite.personas],
+                              shared=suite.base_state(), seed=suite.seed, use_cache=suite.use_cache,
+                              progress=suite.progress)
+    suite.timings[f"soup:{cfg.kind}:n{cfg.bank_size}:s{cfg.support}"] = {"seconds": info["seconds"],
+                                                                         "cached": info["cached"]}
     return soup
 
 
-def finetuned_specialist_state(suite, persona: str, tc: TrainConfig) -> dict[str, torch.Tensor]:
-    """A full fine-tune of ``suite``'s base on ``persona`` with ``tc`` (e.g. the bank's own compute), cached."""
-    if persona not in suite.personas:
-        raise KeyError(f"no specialist for {persona!r}; training personas: {', '.join(suite.personas)}")
-    path = cache.entry_path("specialist-same-compute", config_key("finetune", suite.base_key, persona, tc))
-    if path.exists() and suite.use_cache:
+def finetuned_state(base: dict[str, torch.Tensor], model_cfg: ModelConfig, streams: Sequence[torch.Tensor],
+                    tc: TrainConfig, *, use_cache: bool = True, progress: bool = False) -> dict[str, torch.Tensor]:
+    """A full fine-tune of ``base`` on ``streams`` with ``tc`` (e.g. a bank's own compute), cached by content."""
+    key = config_key("finetune", model_cfg, tc, content_hash(base, streams))
+    path = cache.entry_path("finetune", key)
+    if path.exists() and use_cache:
         return cache.load_weights(path)
-    model = suite.base()
-    sampler = WindowSampler([suite.ids(persona, "train")], batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed)
-    losses = train(model, sampler, tc, desc=f"finetune {persona}", progress=suite.progress)
+    model = build_model(model_cfg, 0)
+    model.load_state_dict(base)
+    sampler = WindowSampler(list(streams), batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed)
+    losses = train(model, sampler, tc, desc="finetune", progress=progress)
     state = model.state_dict()
     cache.save_weights(path, state, {"final_loss": losses[-1] if losses else None, "steps": tc.steps})
     return state

@@ -54,6 +54,8 @@ class SoupConfig:
     support: int = 2
     concentration: float = 1.0
     mlp_hidden: int = 32
+    bank_lr_scale: float = 1.0  # the bank's and the MLP's learning rates, relative to S's ``lr``
+    mlp_lr_scale: float = 1.0
     steps: int
     batch_size: int = 16
     seq_len: int
@@ -69,6 +71,8 @@ class SoupConfig:
         _require(self.support >= 1, f"support must be >= 1, got {self.support}")
         _require(self.concentration > 0, f"concentration must be > 0, got {self.concentration}")
         _require(self.mlp_hidden >= 1, f"mlp_hidden must be >= 1, got {self.mlp_hidden}")
+        _require(self.bank_lr_scale > 0 and self.mlp_lr_scale > 0,
+                 f"bank_lr_scale and mlp_lr_scale must be > 0, got {self.bank_lr_scale}, {self.mlp_lr_scale}")
         # the remaining fields are TrainConfig's: build one so its checks apply
         self.train_config()
 

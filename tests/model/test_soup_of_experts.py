@@ -241,3 +241,18 @@ def test_trained_bank_is_cached_and_reloaded(tiny_suite):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="support"):
         suite_soup(tiny_suite, SoupConfig(support=99, steps=1, seq_len=32, lr=1e-3))
+
+
+def test_bank_and_mlp_take_their_scaled_learning_rates():
+    cfg = SoupConfig(bank_size=2, steps=1, seq_len=16, lr=1e-3, warmup=0, weight_decay=0.0, grad_clip=0.0,
+                     bank_lr_scale=3.0, mlp_lr_scale=10.0)
+    soup = SoupOfExperts(TINY, cfg, DOMAINS, seed=0)
+    _randomise_bank(soup)  # a zero bank gives the MLP no gradient on the first step
+    before = {k: v.detach().clone() for k, v in soup.state_dict().items()}
+    train_soup(soup, _streams())
+    moved = {part: max(float((v - before[k]).abs().max()) for k, v in soup.state_dict().items()
+                       if k.startswith(part + ".")) for part in ("shared", "bank", "mlp")}
+    # Adam's first step moves every weight with a gradient by lr (times its group's scale)
+    assert moved["shared"] == pytest.approx(1e-3, rel=1e-3)
+    assert moved["bank"] == pytest.approx(3e-3, rel=1e-3)
+    assert moved["mlp"] == pytest.approx(1e-2, rel=1e-3)
