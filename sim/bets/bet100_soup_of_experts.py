@@ -62,7 +62,11 @@ class Plan:
     support: int = 2  # of the main bank
     supports: tuple[int, ...] = (1, 2, 4)
     catalogue_steps: int = 2000
+    # lr of S (which starts trained); the bank and the MLP start at zero / random and take larger
+    # steps. Chosen on the known users' held-out text at small (never on this bet's eval texts).
     lr: float = 1e-3
+    bank_lr_scale: float = 3.0
+    mlp_lr_scale: float = 10.0
     mlp_hidden: int = 32
     est_tokens: int = 512
     est_sweep: tuple[int, ...] = (16, 64, 256, 1024)
@@ -119,6 +123,7 @@ class _Run:
     def soup(self, *, support: int, rank: int = 0) -> SoupOfExperts:
         p = self.plan
         cfg = SoupConfig(bank_size=p.bank_size, rank=rank, support=support, mlp_hidden=p.mlp_hidden,
+                         bank_lr_scale=p.bank_lr_scale, mlp_lr_scale=p.mlp_lr_scale,
                          steps=self.steps, batch_size=self.spec_tc.batch_size, seq_len=self.spec_tc.seq_len,
                          lr=p.lr, warmup=self.spec_tc.warmup, weight_decay=self.spec_tc.weight_decay,
                          seed=self.ctx.seed)
