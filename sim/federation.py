@@ -180,8 +180,10 @@ class LocalFederation:
         if ray.is_initialized():
             return
         address = self.scn.federation.address or None
+        # a local Ray stays on loopback: every byte of the simulation crosses 127.0.0.1 only
+        local = {} if address else {"_node_ip_address": "127.0.0.1"}
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 logging_level="warning")
+                 logging_level="warning", **local)
         self._ray_started_here = True
 
     async def start_nodes(self) -> None:
