@@ -58,7 +58,7 @@ def _print_describe(d: dict) -> None:
     print(f"  in experts      {d['params_in_experts']:>12,}  ({100 * d['expert_share']:.1f}%)")
     print(f"  adapter         {d['adapter_params']:>12,} params = {d['adapter_bytes']:,} bytes (fp16)")
     if "codecs" in d:
-        print("  codec            bundle bytes   bits/expert weight")
+        print("  codec            payload bytes  bits/expert weight")
         for name, c in d["codecs"].items():
             print(f"  {name:<16} {c['bytes']:>12,}   {c['bits_per_expert_weight']:.3f}")
 
