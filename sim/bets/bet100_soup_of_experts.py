@@ -103,10 +103,19 @@ class _Run:
         self.streams = [ctx.tokens(p, "train") for p in self.personas]
         self.tables = unigram_log_tables(self.streams, self.cfg.vocab_size)
         self.timings: dict[str, Any] = {}
+        self._soe_memo: dict[tuple, float] = {}
 
     # ---- scoring ----
     def ppl_of(self, state: StateDict, text: str) -> float:
         return ppl(self.ctx.token_logps(self.ctx.model(state), self.ctx.tokens(text)))
+
+    def soe_ppl(self, soup: SoupOfExperts, h: torch.Tensor, text: str) -> float:
+        """ppl on ``text`` of ``soup`` instantiated for ``h``; an h met before (an estimate that is
+        exactly one-hot, say) is not scored twice."""
+        key = (id(soup), tuple(h.tolist()), text)
+        if key not in self._soe_memo:
+            self._soe_memo[key] = self.ppl_of(soup.instantiate(h), text)
+        return self._soe_memo[key]
 
     def estimation_sample(self, persona: str) -> torch.Tensor:
         """max(est_sweep) tokens of the persona's train text at a seeded offset (never its eval text)."""
@@ -141,9 +150,9 @@ class _Run:
         uniform = torch.full((len(self.personas),), 1.0 / len(self.personas))
         out = {}
         for p in self.personas:
-            out[p] = {SOE: self.ppl_of(soup.instantiate(self.h_estimate(p, self.plan.est_tokens)), p),
-                      SOE_ORACLE: self.ppl_of(soup.instantiate(one_hot(self.personas, p)), p),
-                      SOE_GENERIC: self.ppl_of(soup.instantiate(uniform), p)}
+            out[p] = {SOE: self.soe_ppl(soup, self.h_estimate(p, self.plan.est_tokens), p),
+                      SOE_ORACLE: self.soe_ppl(soup, one_hot(self.personas, p), p),
+                      SOE_GENERIC: self.soe_ppl(soup, uniform, p)}
         return out
 
 
@@ -174,13 +183,13 @@ def measure_soe(ctx: BetContext, plan: Plan | None = None) -> dict[str, Any]:
         logps = stack_logps(ctx, spec_models, tokens)  # (N, T-1)
         table[text][MIXTURE] = ppl(mixtures.uniform_mixture(logps))
         table[text][POSTERIOR] = ppl(posterior_by_document(logps, ctx.context_length())[0])
+        if text in personas:
+            table[text][SPECIALIST] = ppl(logps[personas.index(text)])
         h_main[text] = [round(float(v), 4) for v in run.h_estimate(text, plan.est_tokens)]
     # the held-out persona has no one-hot h, no specialist and no fine-tune: only what serves an unknown domain
-    table[held_out][SOE] = run.ppl_of(main.instantiate(torch.tensor(h_main[held_out])), held_out)
-    table[held_out][SOE_GENERIC] = run.ppl_of(main.instantiate(torch.full((len(personas),), 1 / len(personas))),
-                                              held_out)
-    for i, p in enumerate(personas):
-        table[p][SPECIALIST] = run.ppl_of(specs[p], p)
+    table[held_out][SOE] = run.soe_ppl(main, run.h_estimate(held_out, plan.est_tokens), held_out)
+    table[held_out][SOE_GENERIC] = run.soe_ppl(main, torch.full((len(personas),), 1 / len(personas)), held_out)
+    for p in personas:
         table[p][FINETUNE] = run.ppl_of(run.finetune(p, run.steps), p)
         table[p][FINETUNE_TOTAL] = run.ppl_of(run.finetune(p, run.steps // len(personas)), p)
         soups = [run.ppl_of(merges.linear_soup(specs[p], specs[q], alpha=plan.soup_alpha), p)
@@ -206,7 +215,7 @@ def measure_soe(ctx: BetContext, plan: Plan | None = None) -> dict[str, Any]:
         for i, p in enumerate(personas):
             h = run.h_estimate(p, n)
             weights.append(float(h[i]))
-            per[p] = {BASE: table[p][BASE], SOE: run.ppl_of(main.instantiate(h), p)}
+            per[p] = {BASE: table[p][BASE], SOE: run.soe_ppl(main, h, p)}
         samples[str(n)] = {"min_weight_on_true": min(weights), "mean_weight_on_true": sum(weights) / len(weights),
                            "ratio_to_base": ratio_to_base(per, personas, SOE),
                            "ratio_to_oracle": ratio_to_base(per, personas, SOE) / ratios[SOE_ORACLE]}
