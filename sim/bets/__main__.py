@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="with --list: JSON, each bet's number under 'bet'")
     p.add_argument("--no-cache", action="store_true", help="retrain every model instead of loading the cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (default: torch's choice); 1 is fastest on a busy machine")
     return p.parse_args(argv)
 
 
@@ -44,14 +46,20 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{b.name:34s} {b.catalogue.verdict:12s} {b.question}")
             return 0
         preset = get_preset(args.preset)
+        if args.threads < 0:
+            raise BetError(f"--threads must be >= 0, got {args.threads}")
     except (BetError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    import torch
+
     from model.pipeline import Suite
 
     from .context import SuiteContext
     from .runner import run_bet, write_record, write_summary
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ctx = SuiteContext(Suite(preset, seed=args.seed, use_cache=not args.no_cache, progress=not args.quiet))
     records, failed = [], 0
     for bet in bets:

@@ -28,10 +28,13 @@ def prompt(ctx: BetContext) -> torch.Tensor:
     return ctx.tokens(ctx.personas()[0])[:PROMPT_TOKENS]
 
 
-def quality(ctx: BetContext, model, tokens: torch.Tensor) -> dict[str, Any]:
-    """Held-out ppl and the unique tokens of a 100-token greedy sample."""
-    sample = ctx.sample(model, prompt(ctx), SAMPLE_TOKENS, greedy=True)
-    return {"ppl": ppl(ctx.token_logps(model, tokens)), "unique_tokens": int(torch.unique(sample).numel())}
+def quality(ctx: BetContext, model, tokens: torch.Tensor, *, sample: bool = True) -> dict[str, Any]:
+    """Held-out ppl and (unless ``sample`` is False) the unique tokens of a 100-token greedy sample."""
+    out: dict[str, Any] = {"ppl": ppl(ctx.token_logps(model, tokens))}
+    if sample:
+        ids = ctx.sample(model, prompt(ctx), SAMPLE_TOKENS, greedy=True)
+        out["unique_tokens"] = int(torch.unique(ids).numel())
+    return out
 
 
 def measure(ctx: BetContext) -> dict[str, Any]:

@@ -21,14 +21,14 @@ def measure(ctx: BetContext) -> dict[str, Any]:
     tokens = general_tokens(ctx)
     steps = ctx.budget(CATALOGUE_STEPS)
     base = ctx.base_state()
-    orig = quality(ctx, ctx.model(base), tokens)
+    orig = quality(ctx, ctx.model(base), tokens, sample=False)
     collapsed = ctx.model(merges.average_experts(base))
-    before = quality(ctx, collapsed, tokens)
+    before = quality(ctx, collapsed, tokens, sample=False)
     losses = ctx.train_steps(collapsed, ctx.personas(), steps=steps, lr=LR)
     after = quality(ctx, collapsed, tokens)
     control = ctx.model(base)
     ctx.train_steps(control, ctx.personas(), steps=steps, lr=LR)
-    ctl = quality(ctx, control, tokens)
+    ctl = quality(ctx, control, tokens, sample=False)
     return {
         "steps": steps, "catalogue_steps": CATALOGUE_STEPS, "lr": LR, "optimizer": "AdamW",
         "original_ppl": orig["ppl"], "averaged_ppl": before["ppl"], "recovered_ppl": after["ppl"],

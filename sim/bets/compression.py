@@ -26,7 +26,7 @@ def measure_codec(ctx: BetContext, codec: str, *, qat_catalogue_steps: int = 0) 
     ref = quality(ctx, base, tokens)
     out: dict[str, Any] = {"codec": codec, "fp32_ppl": ref["ppl"], "unique_tokens_fp32": ref["unique_tokens"]}
     plain, info = ctx.compress(base, codec)
-    q = quality(ctx, plain, tokens)
+    q = quality(ctx, plain, tokens, sample=not qat_catalogue_steps)
     out["post_training_ppl"] = q["ppl"]
     if qat_catalogue_steps:
         model, info = ctx.compress(base, codec, qat_steps=ctx.budget(qat_catalogue_steps))

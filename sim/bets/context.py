@@ -22,6 +22,8 @@ StateDict = dict[str, torch.Tensor]
 # recovery steps, say) are scaled by the preset's specialist steps over this.
 CATALOGUE_SPECIALIST_STEPS = 1000
 
+PREFETCH_TRAIN_REQUESTS = 16  # training requests per known user that a prefetch predictor learns from
+
 
 @runtime_checkable
 class BetContext(Protocol):
@@ -92,6 +94,7 @@ class SuiteContext:
         self.suite = suite
         self.preset = suite.preset.name
         self.seed = suite.seed
+        self._request_cache: tuple[FractalMoE, list, list] | None = None
 
     # ---- who and what ----
     def personas(self) -> tuple[str, ...]:
@@ -204,49 +207,60 @@ class SuiteContext:
                      "fp32_bytes": 4 * n_weights, "qat_steps": qat_steps}
 
     # ---- prefetching (issue 5's predictors) ----
+    def _requests(self) -> tuple[FractalMoE, list, list]:
+        """The base, and the known users' training and held-out requests with the base's routing,
+        computed once and shared by every predictor. A request is one context window of a user's text."""
+        if self._request_cache is None:
+            from coordinator.prefetch import quality
+
+            base = self.model(self.base_state())
+            ctx_len = base.cfg.context
+            prompt_len = max(1, ctx_len // 4)
+
+            def windows(ids: torch.Tensor) -> list[np.ndarray]:
+                return [ids[i * ctx_len:(i + 1) * ctx_len].numpy() for i in range(ids.numel() // ctx_len)]
+
+            train, held = [], []
+            for user in self.known_users():
+                for w in windows(self.tokens(user, "train"))[:PREFETCH_TRAIN_REQUESTS]:
+                    train.append((user, w, quality.route_trace(base, w)[0]))
+                for w in windows(self.tokens(user, "eval")):
+                    routes, hidden = quality.route_trace(base, w, hidden=True)
+                    held.append((user, w, routes, hidden[:, :prompt_len], prompt_len))
+            self._request_cache = (base, train, held)
+        return self._request_cache
+
     def prefetch_eval(self, predictor: str, *, experts_per_block: int) -> dict:
         """Learn from the known users' training requests, then plan each held-out request's experts.
 
-        A request is one context window of a user's text; the predictor sees the first quarter of it
-        (the prompt) where it runs on the node, and is scored on the routing of the whole window.
+        The predictor sees the first quarter of a request (the prompt) where it runs on the node, is
+        scored on the routing of the whole request, and learns from each request once it is served.
         """
         from coordinator.prefetch import metrics, predictors, quality
 
-        base = self.model(self.base_state())
+        base, train, held = self._requests()
         cfg = base.cfg
-        ctx_len = cfg.context
         pred = predictors.build_predictor(predictor, n_layers=cfg.n_layers, n_experts=cfg.n_experts,
                                           vocab_size=cfg.vocab_size, router_weights=quality.router_weights(base),
                                           seed=self.seed)
 
-        def windows(ids: torch.Tensor) -> list[np.ndarray]:
-            n = ids.numel() // ctx_len
-            return [ids[i * ctx_len:(i + 1) * ctx_len].numpy() for i in range(n)]
+        def learn(user: str, w: np.ndarray, routes: np.ndarray) -> None:
+            trace = predictors.RoutingTrace(user=user, routes=routes, token_ids=w)
+            pred.observe(predictors.visible_trace(pred, trace))
 
-        for user in self.known_users():
-            for w in windows(self.tokens(user, "train"))[:16]:
-                routes, _ = quality.route_trace(base, w)
-                pred.observe(predictors.visible_trace(pred, predictors.RoutingTrace(user=user, routes=routes,
-                                                                                    token_ids=w)))
-        recalls, hits, nll_full, nll_sub, n_tok, requests = [], [], 0.0, 0.0, 0, 0
-        prompt_len = max(1, ctx_len // 4)
-        for user in self.known_users():
-            for w in windows(self.tokens(user, "eval")):
-                routes, hidden = quality.route_trace(base, w, hidden=True)
-                p_routes, p_hidden = routes[:, :prompt_len], hidden[:, :prompt_len]
-                rc = predictors.RequestContext(user=user, prompt_ids=w[:prompt_len], prompt_routes=p_routes,
-                                               prompt_hidden=p_hidden, routes=routes)
-                scores = pred.predict(predictors.visible_context(pred, rc))
-                mask = metrics.top_k_mask(scores, experts_per_block)
-                recalls.append(float(metrics.recall_at_k(scores, routes, experts_per_block, weighted=True).mean()))
-                hits.append(metrics.hit_rate(routes, mask))
-                cmp = quality.substitution_ppl(base, w, mask)
-                nll_full += cmp.nll_full
-                nll_sub += cmp.nll_substituted
-                n_tok += cmp.tokens
-                requests += 1
-                pred.observe(predictors.visible_trace(pred, predictors.RoutingTrace(user=user, routes=routes,
-                                                                                    token_ids=w)))
+        for user, w, routes in train:
+            learn(user, w, routes)
+        recalls, hits, nll_full, nll_sub, n_tok = [], [], 0.0, 0.0, 0
+        for user, w, routes, p_hidden, p_len in held:
+            rc = predictors.RequestContext(user=user, prompt_ids=w[:p_len], prompt_routes=routes[:, :p_len],
+                                           prompt_hidden=p_hidden, routes=routes)
+            scores = pred.predict(predictors.visible_context(pred, rc))
+            mask = metrics.top_k_mask(scores, experts_per_block)
+            recalls.append(float(metrics.recall_at_k(scores, routes, experts_per_block, weighted=True).mean()))
+            hits.append(metrics.hit_rate(routes, mask))
+            cmp = quality.substitution_ppl(base, w, mask)
+            nll_full, nll_sub, n_tok = nll_full + cmp.nll_full, nll_sub + cmp.nll_substituted, n_tok + cmp.tokens
+            learn(user, w, routes)
         return {"recall": float(np.mean(recalls)), "hit_rate": float(np.mean(hits)),
                 "ppl_ratio": math.exp((nll_sub - nll_full) / max(n_tok, 1)),
-                "bytes_fraction": experts_per_block / cfg.n_experts, "requests": requests}
+                "bytes_fraction": experts_per_block / cfg.n_experts, "requests": len(held)}
