@@ -7,6 +7,7 @@ the library itself imports nothing else of ours.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -91,12 +92,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a bundle of the trained base model with the chosen expert codec."""
     from proto.bundle import write_bundle
 
-    from .codecs import encode_state_dict
+    from .codecs import CODECS, encode_state_dict
     from .pipeline import Suite
 
+    for c in (args.codec, args.other_codec):
+        if c not in CODECS:  # refuse before training anything
+            raise ValueError(f"unknown codec {c!r}; choose one of {', '.join(CODECS)}")
     suite = Suite(args.preset, args.seed, use_cache=not args.no_cache)
     entries = encode_state_dict(suite.base_state(), expert_codec=args.codec, other_codec=args.other_codec)
-    meta = {"preset": suite.preset.name, "seed": args.seed, "model": "base", "expert_codec": args.codec}
+    meta = {"preset": suite.preset.name, "seed": args.seed, "model": "base", "expert_codec": args.codec,
+            "other_codec": args.other_codec, "model_config": dataclasses.asdict(suite.preset.model)}
     n = write_bundle(args.out, entries, meta)
     print(f"wrote {args.out}: {n:,} bytes, {len(entries)} tensors, experts in {args.codec}")
     return 0
