@@ -129,3 +129,20 @@ def test_train_cli_refuses_a_missing_corpus_folder(tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "CorpusError" in lines[0] and "nope" in lines[0]
+
+
+def test_corpus_folder_users_get_their_own_adapter(tiny_suite, tmp_path):
+    """--corpus DIR: one sub-folder per user; the user's adapter trains on their own text."""
+    import inspect
+
+    user = tmp_path / "corpus" / "alice"
+    user.mkdir(parents=True)
+    (user / "notes.txt").write_text(inspect.getsource(torch.nn.modules.linear)[:30000])
+    suite = Suite("tiny", seed=0, corpus_dir=tmp_path / "corpus", progress=False)
+    assert "alice" in suite.known_users
+    assert suite.base_state().keys() == tiny_suite.base_state().keys()
+    adapter = suite.adapter_state("alice")
+    assert all(is_norm_param(k) for k in adapter)
+    assert suite.score(suite.with_adapter("alice"), "alice")["ppl"] < suite.score(suite.base(), "alice")["ppl"]
+    with pytest.raises(corpora.CorpusError):
+        Suite("tiny", seed=0, corpus_dir=tmp_path / "missing", progress=False)
