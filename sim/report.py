@@ -142,6 +142,10 @@ def write_plots(report: dict, out: Path) -> list[str]:
         fig.savefig(out / "mixture_vs_best.png", dpi=110)
         plt.close(fig)
         files.append("mixture_vs_best.png")
+    if report.get("prefetch"):
+        from .prefetch_sweep import write_plots as prefetch_plots
+
+        files += prefetch_plots(report["prefetch"], out)
     return files
 
 
@@ -213,7 +217,11 @@ def to_markdown(r: dict) -> str:
     for k, d in lat["by_kind"].items():
         if d["n"]:
             lines.append(f"| {k} | {d['n']} | {d['p50_s']:.3f} | {d['p99_s']:.3f} |")
-    for extra in ("prefetch", "faults"):
+    if r.get("prefetch"):
+        from .prefetch_sweep import markdown as prefetch_markdown
+
+        lines += [""] + prefetch_markdown(r["prefetch"])
+    for extra in ("faults",):
         if extra in r and r[extra]:
             lines += ["", f"## {extra.capitalize()}", "", "```json", json.dumps(r[extra], indent=1)[:4000], "```"]
     lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in r.get("plots", [])), ""]

@@ -111,6 +111,12 @@ class WorkloadSection:
             _check(m in ("uniform", "posterior"), "workload.mixture_modes", f"unknown mode {m!r}")
 
 
+# Predictor names the sweep knows: coordinator.prefetch.PREDICTORS plus the sweep's own "hybrid"
+# (tests/sim/test_prefetch_sweep.py keeps the two lists in step).
+PREFETCH_PREDICTORS = ("random", "lru", "lfu", "global", "user", "run-ahead", "keyword", "next-block", "oracle",
+                       "hybrid")
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrefetchSection:
     """The prefetch sweep: predictors against expert budgets (off when ``budgets`` is empty)."""
@@ -118,14 +124,33 @@ class PrefetchSection:
     predictors: list[str] = field(default_factory=list)
     budgets: list[int] = field(default_factory=list)  # experts per block
     miss_policy: str = "substitute"
-    warmup_tokens: int = 16
+    warmup_tokens: int = 16  # the prompt: prefill tokens the run-ahead router (and keyword, next-block) see
+    requests: int = 48  # held-out requests replayed per (predictor, budget), dealt round-robin over users
+    request_tokens: int = 0  # tokens per request; 0: the preset's context length
+    history_requests: int = 8  # per user, from their training text: what the predictors have seen before
+    step_ms: float = 20.0  # compute per step (prefill, then each token), virtual milliseconds
+    lead_s: float = 60.0  # how early predictors that plan ahead ship before a request, virtual seconds
 
     def validate(self) -> None:
         """Raise ScenarioError on out-of-range values."""
         for b in self.budgets:
             _check(1 <= b <= 16, "prefetch.budgets", f"each budget is 1..16 experts per block, got {b}")
+        _check(len(set(self.budgets)) == len(self.budgets), "prefetch.budgets", "has duplicates")
+        for p in self.predictors:
+            _check(p in PREFETCH_PREDICTORS, "prefetch.predictors",
+                   f"unknown predictor {p!r}; choose from {', '.join(PREFETCH_PREDICTORS)}")
+        _check(len(set(self.predictors)) == len(self.predictors), "prefetch.predictors", "has duplicates")
+        _check(not self.budgets or bool(self.predictors), "prefetch.predictors",
+               "must name at least one predictor when budgets are given")
         _check(self.miss_policy in ("wait", "substitute", "remote", "auto"), "prefetch.miss_policy",
                f"must be wait, substitute, remote or auto, got {self.miss_policy!r}")
+        _check(1 <= self.warmup_tokens <= 4096, "prefetch.warmup_tokens", "must be between 1 and 4096")
+        _check(1 <= self.requests <= 100_000, "prefetch.requests", "must be between 1 and 100000")
+        _check(self.request_tokens == 0 or self.request_tokens > self.warmup_tokens, "prefetch.request_tokens",
+               f"must be 0 (the context length) or more than warmup_tokens = {self.warmup_tokens}")
+        _check(self.history_requests >= 0, "prefetch.history_requests", "must be >= 0")
+        _check(0 <= self.step_ms <= 60_000, "prefetch.step_ms", "must be between 0 and 60000")
+        _check(0 < self.lead_s <= 86_400, "prefetch.lead_s", "must be > 0 and at most 86400 (a day)")
 
 
 @dataclass(frozen=True, kw_only=True)
