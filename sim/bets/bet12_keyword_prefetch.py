@@ -20,7 +20,9 @@ def measure(ctx: BetContext) -> dict[str, Any]:
 def judge(m: Mapping[str, Any]) -> str:
     """CATASTROPHIC (first): keyword recall <= random's. STRICT: keyword hit rate >= 0.95 and ppl within 2%
     (the prefetch issue's goal). LENIENT: keyword recall > global frequency's and ppl within 10%. Else NEITHER."""
-    kw = lambda key: number(m, "predictors", "keyword", key)  # noqa: E731
+    def kw(key: str) -> float:
+        return number(m, "predictors", "keyword", key)
+
     if kw("recall") <= number(m, "predictors", "random", "recall"):
         return CATASTROPHIC
     if kw("hit_rate") >= 0.95 and kw("ppl_ratio") <= 1.02:

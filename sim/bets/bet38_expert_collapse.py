@@ -60,7 +60,7 @@ def judge(m: Mapping[str, Any]) -> str:
 def key_figures(m: Mapping[str, Any]) -> str:
     """ppl ratio and unique tokens."""
     return (f"ppl {number(m, 'original_ppl'):.1f} -> {number(m, 'averaged_ppl'):.1f} "
-            f"(x{number(m, 'ppl_ratio'):.1f}); unique tokens in 100 {int(number(m, 'unique_tokens_original'))} "
+            f"(x{number(m, 'ppl_ratio'):.3g}); unique tokens in 100 {int(number(m, 'unique_tokens_original'))} "
             f"-> {int(number(m, 'unique_tokens_averaged'))}")
 
 

@@ -14,7 +14,8 @@ STRICT_RATIO, LENIENT_RATIO, CATASTROPHIC_RATIO = 1.05, 1.25, 3.0
 CRITERIA = Criteria(
     strict="compressed ppl <= 1.05x fp32 ppl",
     lenient="compressed ppl <= 1.25x fp32 ppl",
-    catastrophic="compressed ppl > 3x fp32 (Bet 38's own 'useful' bar) or fewer than 5 unique tokens in a 100-token greedy sample",
+    catastrophic=("compressed ppl > 3x fp32 (Bet 38's own 'useful' bar), or fewer than 5 unique tokens in a "
+                  "100-token greedy sample where the fp32 model's sample has at least 5 (collapse caused by the codec)"),
     source="the simulator (the catalogue reports 'works' without criteria)",
 )
 
@@ -38,8 +39,11 @@ def measure_codec(ctx: BetContext, codec: str, *, qat_catalogue_steps: int = 0) 
 
 
 def judge(m: Mapping[str, Any]) -> str:
-    """Ratio criteria with Bet 38's collapse signal."""
-    return ratio_verdict(number(m, "ppl_ratio"), number(m, "unique_tokens"), strict=STRICT_RATIO,
+    """Ratio criteria with Bet 38's collapse signal, counted only when the fp32 model's own sample is not
+    already degenerate (a weak model's greedy sample can loop on a few tokens before any compression)."""
+    unique = number(m, "unique_tokens")
+    collapse_signal = unique if number(m, "unique_tokens_fp32") >= 5 else None
+    return ratio_verdict(number(m, "ppl_ratio"), collapse_signal, strict=STRICT_RATIO,
                          lenient=LENIENT_RATIO, catastrophic=CATASTROPHIC_RATIO)
 
 

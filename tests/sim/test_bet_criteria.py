@@ -210,12 +210,14 @@ def test_bet39_catalogue_figures_fail():
 # ---- Bets 13 / 48: compression within experts ---------------------------------------------------------
 
 @pytest.mark.parametrize("number", [13, 48])
-@pytest.mark.parametrize("ratio,unique,expect", [
-    (1.0, 40, STRICT), (1.05, 40, STRICT), (1.2, 40, LENIENT), (2.0, 40, NEITHER), (3.5, 40, CATASTROPHIC),
-    (1.0, 3, CATASTROPHIC),
+@pytest.mark.parametrize("ratio,unique,unique_fp32,expect", [
+    (1.0, 40, 40, STRICT), (1.05, 40, 40, STRICT), (1.2, 40, 40, LENIENT), (2.0, 40, 40, NEITHER),
+    (3.5, 40, 40, CATASTROPHIC), (1.0, 3, 40, CATASTROPHIC),
+    (1.0, 3, 4, STRICT),  # the fp32 sample is already degenerate: the codec did not cause it
 ])
-def test_compression_criteria(number, ratio, unique, expect):
-    assert judge(number, {"ppl_ratio": ratio, "unique_tokens": unique, "codec": "x"}) == expect
+def test_compression_criteria(number, ratio, unique, unique_fp32, expect):
+    m = {"ppl_ratio": ratio, "unique_tokens": unique, "unique_tokens_fp32": unique_fp32, "codec": "x"}
+    assert judge(number, m) == expect
 
 
 # ---- Bets 54 / 55 / 61 / 102: adapters -------------------------------------------------------------------

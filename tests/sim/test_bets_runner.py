@@ -166,3 +166,25 @@ def test_cli_list_and_bad_input(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
+
+
+@pytest.mark.slow
+def test_every_bet_on_the_trained_tiny_suite(tiny_suite, tmp_path):
+    """The real pipeline at tiny (trained once per session by conftest): every bet runs, its JSON carries
+    the required keys, its verdict follows from its measurements, and Bet 31's alpha = 0 / 1 soups are
+    its parents, bitwise."""
+    ctx = SuiteContext(tiny_suite)
+    records = []
+    for bet in OURS:
+        rec = run_bet(bet, ctx)
+        assert rec.get("error") is None, f"{bet.name}: {rec.get('traceback')}"
+        back = json.loads(write_record(rec, tmp_path).read_text())
+        assert all(key in back for key in REQUIRED)
+        assert back["verdict"] == bet.verdict(back["measurements"])
+        records.append(back)
+    soup = next(r for r in records if r["bet"] == 31)["measurements"]
+    assert all(soup["sanity"].values())
+    mix = next(r for r in records if r["bet"] == 4)["measurements"]
+    assert mix["per_token_bound"]["holds"] and mix["regret_bound"]["holds"]
+    summary = write_summary(records, tmp_path).read_text()
+    assert all(f"| {r['name']}" in summary for r in records)
