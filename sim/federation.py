@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import math
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -181,7 +182,10 @@ class LocalFederation:
             return
         address = self.scn.federation.address or None
         # a local Ray stays on loopback: every byte of the simulation crosses 127.0.0.1 only
+        # (Ray on Linux otherwise binds the machine's own address, whatever _node_ip_address says)
         local = {} if address else {"_node_ip_address": "127.0.0.1"}
+        if not address:
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  logging_level="warning", **local)
         self._ray_started_here = True
