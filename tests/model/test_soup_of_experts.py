@@ -128,6 +128,11 @@ def test_bad_domain_weights_and_configs_raise_named_errors():
         soup.alpha(torch.tensor([0.5, 0.5]))
     with pytest.raises(SoupError, match="sum to 1"):
         soup.alpha(torch.tensor([0.5, 0.6, -0.1]))
+    with pytest.raises(SoupError, match="sum to 1"):
+        soup.alpha(torch.tensor([0.5, 0.51, 0.0]))
+    # weights rounded to 4 decimals for transport are accepted and renormalised
+    rounded = soup.check_h(torch.tensor([0.3333, 0.3333, 0.3333]))
+    assert float(rounded.sum()) == pytest.approx(1.0, abs=1e-7) and float(rounded[0]) == pytest.approx(1 / 3)
     with pytest.raises(SoupError, match="alpha must have shape"):
         soup.instantiate_alpha(torch.zeros(3))
     with pytest.raises(ConfigError, match="bank_size"):
