@@ -26,8 +26,10 @@ setup-dev: $(VENV)/.setup-dev
 run: setup
 	$(BIN)/python -m sim.run --nodes $(NODES)
 
+# one OpenMP thread per process: tests, Ray actors and servers share 2 cores, and oversubscribed
+# torch threads make small models tens of times slower
 test: setup-dev
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 # Regenerate the committed gRPC code from proto/federation.proto.
 proto: setup-dev
