@@ -212,7 +212,8 @@ class LoadRig:
             user = sorted(self.tokens)[0]
             reply = await rpc.FederationStub(ch).Score(pb.ScoreRequest(user_id=user, text=self.texts[0]),
                                                        metadata=bearer(self.tokens[user]), timeout=30)
-        return health.status == health_pb2.HealthCheckResponse.SERVING and len(reply.logprobs) == self.cfg.text_words - 1
+        serving = health.status == health_pb2.HealthCheckResponse.SERVING
+        return serving and len(reply.logprobs) == self.cfg.text_words - 1
 
     async def drive(self, clients: int | None = None, requests: int | None = None, kind: str | None = None) -> dict:
         """Put the load on (the config's, or these overrides) and report what happened."""
@@ -271,6 +272,16 @@ async def run_load(cfg: LoadConfig) -> dict:
         return result
 
 
+def summary_line(result: dict) -> str:
+    """One line for people: throughput, latency, errors and shed requests of a drive."""
+    lat = result["latency_ok"]
+    r = result
+    return (f"{r['requests']} {r['kind']} requests from {r['clients']} clients over {r['nodes']} nodes in "
+            f"{r['wall_s']:.1f} s: {r['throughput_rps']:.1f} ok/s, p50 {lat.get('p50_ms', 0):.1f} ms, "
+            f"p99 {lat.get('p99_ms', 0):.1f} ms; {r['errors']} errors, {r['shed']} shed (cap {r['cap']}); "
+            f"server {'alive' if r['alive_after'] else 'NOT ANSWERING'} afterwards")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
     ap = argparse.ArgumentParser(prog="python -m sim.loadtest", description=__doc__.splitlines()[0],
@@ -283,7 +294,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--users", type=int, default=d.users, help=f"users with adapters (default {d.users})")
     ap.add_argument("--cap", type=int, default=d.cap, help=f"coordinator's concurrent-RPC cap (default {d.cap})")
     ap.add_argument("--kind", choices=KINDS, default=d.kind, help=f"request mix (default {d.kind})")
-    ap.add_argument("--text-words", type=int, default=d.text_words, help=f"tokens per scored text (default {d.text_words})")
+    ap.add_argument("--text-words", type=int, default=d.text_words,
+                    help=f"tokens per scored text (default {d.text_words})")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help=f"model shape (default {d.preset})")
     ap.add_argument("--codec", default=d.expert_codec, help=f"expert codec of the bundle (default {d.expert_codec})")
     ap.add_argument("--max-seconds", type=float, default=d.max_seconds,
@@ -308,11 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    lat = result["latency_ok"]
-    print(f"{result['requests']} {result['kind']} requests from {result['clients']} clients over {result['nodes']} "
-          f"nodes in {result['wall_s']:.1f} s: {result['throughput_rps']:.1f} ok/s, p50 {lat.get('p50_ms', 0):.1f} ms, "
-          f"p99 {lat.get('p99_ms', 0):.1f} ms; {result['errors']} errors, {result['shed']} shed (cap {result['cap']}); "
-          f"server {'alive' if result['alive_after'] else 'NOT ANSWERING'} afterwards")
+    print(summary_line(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if result["errors"] == 0 and result["alive_after"] else 1
