@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import secrets
@@ -32,6 +33,8 @@ from proto import federation_pb2_grpc as rpc
 from proto.bundle import write_bundle
 
 from .scenario import Scenario
+
+log = logging.getLogger(__name__)
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 
@@ -87,6 +90,71 @@ def plan_nodes(scn: Scenario, known_users: list[str], links: list[str]) -> list[
     return plans
 
 
+# One Ray actor per node costs a process: ~280 MB resident with torch, ~1 s of CPU to start, and
+# Ray starts only as many at once as there are cores. About 60 fit this 24 GiB machine (issue 8).
+ONE_ACTOR_PER_NODE_MAX = 64
+MIN_AUTO_ACTORS = 4  # so the four specialists of a mixture still sit on four actors
+
+
+def packing(nodes: int, requested: int, cpus: int) -> int:
+    """Virtual nodes per actor: ``requested``, unless that is 1 and one actor per node would not fit.
+
+    Past ONE_ACTOR_PER_NODE_MAX nodes the nodes are packed into as many actors as there are CPUs
+    (at least MIN_AUTO_ACTORS): an actor computes on one thread, so more actors than cores add
+    memory and start-up time and no throughput; nodes inside an actor cost ~1-2 MiB each.
+    """
+    if requested != 1 or nodes <= ONE_ACTOR_PER_NODE_MAX:
+        return requested
+    return math.ceil(nodes / max(MIN_AUTO_ACTORS, cpus))
+
+
+def actor_groups(plans: list[NodePlan], per_actor: int) -> list[list[NodePlan]]:
+    """The nodes of each actor: ceil(N / per_actor) actors, nodes dealt round-robin.
+
+    Dealt, not cut in runs: an actor computes on one thread, so the specialists (the first plans)
+    and the users' nodes land on different actors, and a mixture's components run in parallel.
+    """
+    n = math.ceil(len(plans) / per_actor)
+    return [plans[i::n] for i in range(n)]
+
+
+def process_memory(pid: int) -> dict:
+    """Resident (RSS) and proportional (PSS: shared pages split among their users) memory of a local process.
+
+    PSS is what a process really adds to the machine: torch's libraries, mapped by every actor, count
+    once in the sum of PSS but once per process in the sum of RSS. Linux only (``/proc``).
+    """
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[0].endswith(":") and parts[2] == "kB":
+                    fields[parts[0][:-1]] = int(parts[1]) * 1024
+    except OSError:
+        return {"pid": pid, "rss_bytes": 0, "pss_bytes": 0, "uss_bytes": 0}
+    return {"pid": pid, "rss_bytes": fields.get("Rss", 0), "pss_bytes": fields.get("Pss", 0),
+            "uss_bytes": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)}
+
+
+def init_ray(address: str = "") -> bool:
+    """Connect to the Ray cluster at ``address``, or start a local one on loopback ("").
+
+    Returns True when it started or connected (the caller then shuts Ray down), False when Ray
+    was already initialised in this process.
+    """
+    if ray.is_initialized():
+        return False
+    # a local Ray stays on loopback: every byte of the simulation crosses 127.0.0.1 only
+    # (Ray on Linux otherwise binds the machine's own address, whatever _node_ip_address says)
+    local = {} if address else {"_node_ip_address": "127.0.0.1"}
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address=address or None, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             logging_level="warning", **local)
+    return True
+
+
 def bearer(token: str) -> tuple[tuple[str, str]]:
     """gRPC metadata carrying a bearer token."""
     return (("authorization", f"Bearer {token}"),)
@@ -113,6 +181,8 @@ class LocalFederation:
         self.actor_nodes: list[list[str]] = []
         self.node_results: dict[str, dict] = {}
         self.phases: dict[str, float] = {}  # wall seconds per start-up phase
+        self.nodes_per_actor = scn.federation.nodes_per_actor  # as packed by start_nodes (see packing)
+        self.actor_startup: list[dict] = []  # per actor, as its nodes finished starting (see start_nodes)
         self._ray_started_here = False
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -153,6 +223,8 @@ class LocalFederation:
             # heartbeats of many nodes share 2 cores with the model: give them slack
             heartbeat_interval_ms=max(2000, 100 * self.scn.federation.nodes),
             max_concurrent_rpcs=max(64, 4 * self.scn.workload.concurrency),
+            # every node registers, fetches and beats at once at start-up: shedding them would fail nodes
+            max_concurrent_node_rpcs=max(256, 2 * self.scn.federation.nodes),
             node_timeout_s=120.0,
         )
         self.handle = await serve(cfg)
@@ -178,23 +250,17 @@ class LocalFederation:
 
     def start_ray(self) -> None:
         """Connect to the scenario's Ray cluster, or start a local one."""
-        if ray.is_initialized():
-            return
-        address = self.scn.federation.address or None
-        # a local Ray stays on loopback: every byte of the simulation crosses 127.0.0.1 only
-        # (Ray on Linux otherwise binds the machine's own address, whatever _node_ip_address says)
-        local = {} if address else {"_node_ip_address": "127.0.0.1"}
-        if not address:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 logging_level="warning", **local)
-        self._ray_started_here = True
+        self._ray_started_here = init_ray(self.scn.federation.address) or self._ray_started_here
 
     async def start_nodes(self) -> None:
         """Start the node actors, have every node register, fetch and install its bundle."""
         assert self.handle is not None
-        per = self.scn.federation.nodes_per_actor
-        groups = [self.plans[i:i + per] for i in range(0, len(self.plans), per)]
+        requested = self.scn.federation.nodes_per_actor
+        self.nodes_per_actor = packing(len(self.plans), requested, int(ray.cluster_resources().get("CPU", 1)))
+        if self.nodes_per_actor != requested:
+            log.warning("%d nodes, one actor each, would not fit: packing %d nodes per actor",
+                        len(self.plans), self.nodes_per_actor)
+        groups = actor_groups(self.plans, self.nodes_per_actor)
         # num_cpus=0: node actors mostly wait on sockets; Ray must not cap them at one per core
         self.actors = [NodeActor.options(num_cpus=0, max_concurrency=1000).remote(torch_threads=1)
                        for _ in groups]
@@ -210,11 +276,17 @@ class LocalFederation:
             refs.append(actor.start.remote(self.handle.address, specs, self.node_token))
         bar = tqdm(total=len(self.plans), desc="ship bundles", unit="node", disable=not self.progress,
                    dynamic_ncols=True)
+        t0 = time.perf_counter()
         pending = {asyncio.ensure_future(asyncio.wrap_future(r.future())) for r in refs}
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for fut in done:
-                for res in fut.result():
+                results = fut.result()
+                # where start-up time goes: the actor's own process start vs its nodes' start inside it
+                slowest = max((r.get("seconds", {}).get("total", 0.0) for r in results), default=0.0)
+                self.actor_startup.append({"done_s": time.perf_counter() - t0, "slowest_node_s": slowest,
+                                           "nodes": len(results)})
+                for res in results:
                     self.node_results[res["node_id"]] = res
                     bar.update(1)
         bar.close()
@@ -300,6 +372,19 @@ class LocalFederation:
         """Ray actors hosting the nodes."""
         return len(self.actors)
 
+    async def memory(self) -> dict:
+        """Memory of every live node actor (RSS, PSS, what its nodes share) and the totals over them."""
+        statuses = await asyncio.gather(*(asyncio.wrap_future(a.status.remote().future()) for a in self.actors),
+                                        return_exceptions=True)
+        actors = []
+        for st, ids in zip(statuses, self.actor_nodes):
+            if isinstance(st, BaseException):  # an actor killed by a fault holds no memory any more
+                continue
+            mem = process_memory(st["pid"])
+            actors.append(mem | {"nodes": len(ids), "store": st["store"]})
+        return {"actors": actors, "rss_bytes": sum(a["rss_bytes"] for a in actors),
+                "pss_bytes": sum(a["pss_bytes"] for a in actors), "nodes": len(self.plans)}
+
     def actors_needed(self) -> int:
         """Actors the scenario's packing asks for."""
-        return math.ceil(len(self.plans) / self.scn.federation.nodes_per_actor)
+        return math.ceil(len(self.plans) / self.nodes_per_actor)
