@@ -125,7 +125,7 @@ class PrefetchSection:
     budgets: list[int] = field(default_factory=list)  # experts per block
     miss_policy: str = "substitute"
     warmup_tokens: int = 16  # the prompt: prefill tokens the run-ahead router (and keyword, next-block) see
-    requests: int = 48  # held-out requests replayed per (predictor, budget), dealt round-robin over users
+    requests: int = 32  # held-out requests replayed per (predictor, budget), dealt round-robin over users
     request_tokens: int = 0  # tokens per request; 0: the preset's context length
     history_requests: int = 8  # per user, from their training text: what the predictors have seen before
     step_ms: float = 20.0  # compute per step (prefill, then each token), virtual milliseconds

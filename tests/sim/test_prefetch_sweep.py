@@ -157,7 +157,7 @@ def test_goal_picks_the_best_non_oracle_predictor_at_half_the_experts():
     g = ps.goal(rows, 16)
     assert g["budget"] == 8 and g["predictor"] == "lru" and g["hit_rate"] == 0.96
     assert g["hit_rate_ok"] and not g["ppl_ok"] and g["met"] is False
-    assert g["oracle"] == {"hit_rate": 0.99, "ppl_ratio": 1.0}
+    assert g["oracle"] == {"hit_rate": 0.99, "ppl_ratio": 1.0, "meets_goal": True}
     assert g["smallest_budget_meeting_goal"] == {"oracle": 8, "user": 12, "lru": 12, "random": None}
     assert ps.goal([_row("user", 8, 0.95, 1.02)], 16)["met"] is True
     assert ps.goal([_row("oracle", 8, 1.0, 1.0)], 16)["evaluated"] is False
@@ -218,6 +218,7 @@ def test_sweep_runs_end_to_end_through_sim_run(tiny_suite, tmp_path):
     # run-ahead ships only once the prompt is in: on a school ADSL line its experts arrive late
     assert rows[("run-ahead", 16)]["hit_rate"] < 1.0 and rows[("run-ahead", 16)]["stall_seconds"] > 0
     assert rows[("run-ahead", 16)]["ttft"] > rows[("user", 16)]["ttft"]
+    assert 1 < section["setup"]["distinct_experts_per_block"] <= 16
     g = section["goal"]
     assert g["budget"] == 8 and g["evaluated"] and isinstance(g["met"], bool)
     assert g["predictor"] in ("user", "hybrid", "run-ahead")
