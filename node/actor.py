@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 DEFAULT_HEARTBEAT_MS = 2000
+MAX_CONCURRENT_INSTALLS = 8  # per process (NodeHost): see its docstring
 REGISTER_ATTEMPTS = 4
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -146,11 +147,19 @@ class NodeHost:
     the machine's cores with each other, and with more threads than free cores OpenMP's
     spin-waiting made a tiny forward pass 10-100x slower under load (measured on this machine).
     None leaves torch's default.
+
+    ``max_concurrent_installs`` bounds the nodes of this process fetching at once: a fetch holds its
+    bundle about twice (bytes received, verified records) until it is decoded or found shared, so
+    256 nodes of a 30m federation (44 MB bundles) fetching together would hold ~22 GB. The nodes
+    share one event loop, so fewer concurrent fetches cost no throughput; waiting nodes beat.
     """
 
     def __init__(self, *, bind_host: str = "127.0.0.1", limits: NodeLimits | None = None,
                  fetch_policy: FetchPolicy | None = None, torch_threads: int | None = 1,
-                 heartbeats: bool = True) -> None:
+                 heartbeats: bool = True, max_concurrent_installs: int = MAX_CONCURRENT_INSTALLS) -> None:
+        if max_concurrent_installs < 1:
+            raise SpecError(f"max_concurrent_installs must be >= 1, got {max_concurrent_installs}")
+        self._install_slots = asyncio.Semaphore(max_concurrent_installs)
         self.bind_host = bind_host
         self.limits = limits or NodeLimits()
         self.fetch_policy = fetch_policy or FetchPolicy(allowed_codecs=CODECS)
@@ -248,7 +257,7 @@ class NodeHost:
             refs = _merge_refs(spec.bundles, reply.bundles)
             if reply.chunk_size and not self.fetch_policy.chunk_size:
                 node.control.policy = dataclasses.replace(self.fetch_policy, chunk_size=reply.chunk_size)
-            install = await node.install(refs) if refs else None
+            install = await self._install(node, refs) if refs else None
             if node.served is not None and h.registered_shape != node.shape():
                 try:  # announce the model's shape and bundles, unknown at first; best effort
                     await self._register(h)
@@ -328,6 +337,10 @@ class NodeHost:
             log.exception("node %s: heartbeat failed", node.node_id)
             h.errors = (h.errors + [f"{type(exc).__name__}: {exc}"])[-5:]
 
+    async def _install(self, node: VirtualNode, refs: list[pb.BundleRef]):
+        async with self._install_slots:
+            return await node.install(refs)
+
     def _provision(self, h: HostedNode, refs: list[pb.BundleRef], users: list[str]) -> None:
         """Install bundles and load users in the background, so that heartbeats keep flowing."""
         if h.provisioning is not None and not h.provisioning.done():
@@ -338,7 +351,7 @@ class NodeHost:
         async def run() -> None:
             try:
                 if refs:
-                    await h.node.install(refs)
+                    await self._install(h.node, refs)
                 _, failed = await self._load_users(h, users)
                 h.errors = (h.errors + [f"user {u}: {e}" for u, e in failed.items()])[-5:]
             except NodeError as exc:
