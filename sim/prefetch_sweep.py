@@ -11,7 +11,9 @@ budget (experts per block, out of the model's 16) it replays the users' held-out
 * requests are windows of each known user's held-out text, dealt round-robin over users and served at
   the node that holds the user; the predictors' history is windows of the same users' training text;
 * each node's link is the scenario's (``sim.network.assign_links``), idle (no contention between
-  requests), with a fibre peer answering remote expert calls.
+  requests), with a fibre peer answering remote expert calls;
+* the LRU and LFU caches are one per node (:class:`PerNode`), every other predictor one per row;
+* perplexity under substitution is measured batched over a row's requests (:class:`QualityMeter`).
 
 The report gains ``report["prefetch"]`` (rows: predictor, budget, hit_rate, bytes_shipped, ppl_ratio,
 recall@k per block, bytes per token, stall, TTFT, ...; and ``goal``: the issue's target at half the
@@ -274,6 +276,38 @@ def _hybrid_events(served: ServedRequest, hybrid: Hybrid, sizes: np.ndarray, lea
 
 # ---------------------------------------------------------------------------------------------- sweep
 
+NODE_CACHES = ("lru", "lfu")  # cache baselines: each node's cache sees only its own users' requests
+
+
+class PerNode:
+    """One predictor per node, chosen by the request's user: a node's LRU or LFU cache learns from the
+    requests that node served, not from the whole federation's (which would make LFU the global predictor)."""
+
+    def __init__(self, make: Callable[[], Predictor], user_node: dict[str, str]) -> None:
+        self.make = make
+        self.user_node = dict(user_node)
+        self.inner: dict[str, Predictor] = {}
+        first = make()
+        self.name, self.runs_on, self.plans_at = first.name, first.runs_on, first.plans_at
+
+    def _of(self, user: str) -> Predictor:
+        try:
+            node = self.user_node[user]
+        except KeyError:
+            raise SweepError(f"user {user!r} is held by no node") from None
+        if node not in self.inner:
+            self.inner[node] = self.make()
+        return self.inner[node]
+
+    def observe(self, trace) -> None:
+        """Learn from ``trace`` on the node that holds its user."""
+        self._of(trace.user).observe(trace)
+
+    def predict(self, context: RequestContext) -> np.ndarray:
+        """The scores of the node that holds the request's user, (L, E)."""
+        return self._of(context.user).predict(context)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SweepSetup:
     """What every row of a sweep shares."""
@@ -296,6 +330,9 @@ def make_predictor(name: str, setup: SweepSetup, budget_bytes: float) -> Predict
     if name == "hybrid":
         return Hybrid(n_layers=L, n_experts=E, sizes=setup.sizes, budget_bytes=budget_bytes, config=setup.config,
                       k=setup.warmup_tokens)
+    if name in NODE_CACHES:
+        user_node = {r.user: r.node for r in (*setup.history, *setup.requests)}
+        return PerNode(lambda: build_predictor(name, n_layers=L, n_experts=E), user_node)
     options = {"k": setup.warmup_tokens} if name == "run-ahead" else {}
     return build_predictor(name, n_layers=L, n_experts=E, vocab_size=setup.model.cfg.vocab_size,
                            router_weights=router_weights(setup.model), seed=setup.seed, **options)
@@ -551,8 +588,8 @@ def markdown(section: dict[str, Any]) -> list[str]:
                      (", ".join(f"{k} {v}" for k, v in first.items()) if first else "none swept") + ".")
     elif g:
         lines.append(f"Goal not evaluated: {g.get('reason', '')}.")
-    lines += ["", "| predictor | budget | hit rate | ppl ratio | top-1 acc | top-4 acc | top-8 acc | KB/token shipped | "
-                  "KB/token wasted | stall s | TTFT s |",
+    lines += ["", "| predictor | budget | hit rate | ppl ratio | top-1 acc | top-4 acc | top-8 acc | "
+                  "KB/token shipped | KB/token wasted | stall s | TTFT s |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         rec = {k: (f"{np.mean(v):.3f}" if v else "") for k, v in r["recall_at_k_tokens"].items()}

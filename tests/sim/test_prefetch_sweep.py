@@ -147,6 +147,24 @@ def test_hybrid_ships_ahead_then_swaps_in_the_run_ahead_difference():
     assert all(ev["source"] == ps.SOURCE and ev["predictor"] == "hybrid" and ev["budget"] == 2 for ev in events)
 
 
+def test_cache_baselines_learn_per_node():
+    """Users a (node n1) and b (node n2): n1's LFU has seen expert 3 twice and 1 once, n2's only expert 5."""
+    sizes = np.full((1, 8), 100, dtype=np.int64)
+    hist = [Request(user=u, token_ids=np.zeros(3, dtype=int), routes=np.array([r]), prompt_len=1, node=n)
+            for u, n, r in (("a", "n1", [3, 3, 1]), ("b", "n2", [5, 5, 5]))]
+    setup = ps.SweepSetup(model=None, sizes=sizes, links={}, warmup_tokens=1, lead_s=1.0, seed=0,
+                          config=ServingConfig(), history=hist, requests=[])
+    lfu = ps.make_predictor("lfu", setup, 200)
+    for r in hist:
+        lfu.observe(r.trace())
+    assert lfu.name == "lfu" and lfu.plans_at == "ahead"
+    assert lfu.predict(hist[0].context()).tolist() == [[0, 1, 0, 2, 0, 0, 0, 0]]
+    assert lfu.predict(hist[1].context()).tolist() == [[0, 0, 0, 0, 0, 3, 0, 0]]
+    with pytest.raises(ps.SweepError, match="no node"):
+        lfu.predict(Request(user="c", token_ids=np.zeros(1, dtype=int), routes=np.zeros((1, 1), dtype=int),
+                            prompt_len=1).context())
+
+
 def _row(name, budget, hit, ppl):
     return {"predictor": name, "budget": budget, "hit_rate": hit, "ppl_ratio": ppl}
 
