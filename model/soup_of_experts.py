@@ -222,8 +222,8 @@ def bytes_comparison(soup: SoupOfExperts, ks: Sequence[int] = (1, 2, 4, 8, 16, 3
 
     A specialist is a full state dict of the model. With ``expert_codec`` (a codec of model.codecs),
     also the payload bytes of one specialist and of the bank encoded by ``encode_state_dict``
-    (experts in the codec, everything else fp16): the bank as S plus its n entries at their model
-    shapes (U_j V_j^T expanded, so a low-rank bank pays full size here), plus the MLP in fp16.
+    (experts in the codec, everything else fp16): the bank as S plus its dense entries at their model
+    shapes, plus the low-rank factors U_j, V_j and the MLP in fp16.
     ``break_even_k`` is the smallest k at which shipping k specialists costs more than the bank.
     """
     counts = soup.param_counts()
@@ -245,7 +245,12 @@ def bytes_comparison(soup: SoupOfExperts, ks: Sequence[int] = (1, 2, 4, 8, 16, 3
         def enc(state: dict[str, torch.Tensor]) -> int:
             return sum(len(e.payload) for e in encode_state_dict(state, expert_codec=expert_codec, other_codec="fp16"))
         spec_c = enc(soup.shared_state())
-        bank_c = spec_c + sum(enc(soup.entry(j)) for j in range(soup.cfg.bank_size)) + counts["mlp"] * 2
+        # dense entries go through the codec at their model shapes; low-rank factors ship as fp16
+        dense_names = [n for n in soup.names if _key(n) in soup.bank]
+        factors = sum(p.numel() for d in (soup.bank_u, soup.bank_v) for p in d.values())
+        bank_c = (spec_c + counts["mlp"] * 2 + 2 * factors
+                  + sum(enc({n: soup.bank[_key(n)][j].detach() for n in dense_names})
+                        for j in range(soup.cfg.bank_size)))
         out["codec"] = {"expert_codec": expert_codec, "specialist": spec_c, "bank_total": bank_c,
                         "specialists": {str(k): k * spec_c for k in ks},
                         "break_even_k": math.floor(bank_c / spec_c) + 1}

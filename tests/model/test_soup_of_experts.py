@@ -261,3 +261,15 @@ def test_bank_and_mlp_take_their_scaled_learning_rates():
     assert moved["shared"] == pytest.approx(1e-3, rel=1e-3)
     assert moved["bank"] == pytest.approx(3e-3, rel=1e-3)
     assert moved["mlp"] == pytest.approx(1e-2, rel=1e-3)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_bank_bytes_through_the_fp16_codec_match_the_plain_fp16_count(rank):
+    pytest.importorskip("model.codecs")
+    soup = _soup(rank=rank)
+    _randomise_bank(soup)
+    b = bytes_comparison(soup, expert_codec="fp16")
+    assert b["codec"]["specialist"] == b["specialist"]
+    assert b["codec"]["bank_total"] == b["bank"]["total"]
+    ternary = bytes_comparison(soup, expert_codec="ternary")["codec"]
+    assert ternary["specialist"] < b["specialist"] and ternary["bank_total"] < b["bank"]["total"]
