@@ -1,0 +1,107 @@
+"""What every benchmark of `sim.bench` shares: its result, the sizes, and interleaved timing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from model.config import PRESETS
+
+
+class BenchError(ValueError):
+    """A benchmark name or size that cannot be run."""
+
+
+@dataclass
+class BenchResult:
+    """One benchmark's figure: ``value`` against ``baseline`` (same unit), ``ratio = value / baseline``."""
+
+    name: str
+    value: float
+    baseline: float
+    unit: str
+    better: str  # "higher" or "lower": which way the ratio should move
+    description: str
+    target: float | None = None  # the issue's target for the ratio, or for the value when target_on == "value"
+    target_on: str = "ratio"
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """value / baseline (nan when the baseline is 0)."""
+        return self.value / self.baseline if self.baseline else math.nan
+
+    def met(self) -> bool | None:
+        """Whether the target is met (None without a target)."""
+        if self.target is None:
+            return None
+        x = self.ratio if self.target_on == "ratio" else self.value
+        return x >= self.target if self.better == "higher" else x <= self.target
+
+    def as_dict(self) -> dict:
+        """JSON-able: name, value, baseline, ratio, unit, and the rest."""
+        return {"name": self.name, "value": self.value, "baseline": self.baseline, "ratio": self.ratio,
+                "unit": self.unit, "better": self.better, "target": self.target, "target_on": self.target_on,
+                "target_met": self.met(), "description": self.description, "detail": self.detail}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """Sizes of every benchmark (``quick()`` for the smoke test). Validated; BenchError names the field."""
+
+    decode_shape: str = "30m"  # preset whose model shape the decode/ship bundles have (random weights)
+    decode_codecs: tuple[str, ...] = ("int8", "ternary")
+    chunk_size: int = 256 * 1024  # the coordinator's default chunk size
+    repeats: int = 5  # interleaved rounds of value and baseline; the best of each is kept
+    preset: str = "small"  # trained preset of the federation benchmarks
+    nodes: int = 32  # federation size of startup / memory / score / mixture
+    nodes_per_actor: int = 8  # packing of the measured federation
+    baseline_nodes_per_actor: int = 1  # packing of the start-up baseline (1: one actor per node)
+    score_requests: int = 12
+    score_chars: int = 1500
+    mixture_requests: int = 6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise BenchError(f"{key}: {msg}")
+        for key in ("decode_shape", "preset"):
+            need(getattr(self, key) in PRESETS, key, f"must be one of {', '.join(PRESETS)}, got {getattr(self, key)!r}")
+        need(bool(self.decode_codecs), "decode_codecs", "must name at least one codec")
+        need(4096 <= self.chunk_size <= 4 * 1024 * 1024, "chunk_size", f"must be 4 KiB..4 MiB, got {self.chunk_size}")
+        for key in ("repeats", "score_requests", "mixture_requests", "nodes_per_actor", "baseline_nodes_per_actor"):
+            need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        need(4 <= self.nodes <= 4096, "nodes", f"must be 4..4096 (two specialists and two base nodes at least), "
+                                               f"got {self.nodes}")
+        need(50 <= self.score_chars <= 30_000, "score_chars", f"must be 50..30000, got {self.score_chars}")
+
+    @staticmethod
+    def quick() -> "BenchConfig":
+        """Sizes small enough for the test suite: tiny shapes, 4 nodes, few rounds.
+
+        The start-up baseline packs all 4 nodes into one actor: Ray actors are what costs time here
+        (one actor per node is the full run's baseline).
+        """
+        return BenchConfig(decode_shape="tiny", decode_codecs=("int8",), repeats=2, preset="tiny", nodes=4,
+                           nodes_per_actor=2, baseline_nodes_per_actor=4, score_requests=3, score_chars=400,
+                           mixture_requests=2)
+
+
+def best_of(rounds: int, *fns: Callable[[], float]) -> list[float]:
+    """Run each timing function ``rounds`` times, interleaved (a load spike hits all alike); the least each."""
+    best = [math.inf] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], fn())
+    return best
+
+
+async def abest_of(rounds: int, *fns) -> list[float]:
+    """``best_of`` for coroutine functions returning seconds."""
+    best = [math.inf] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], await fn())
+    return best

@@ -1,0 +1,123 @@
+"""sim.bench: every benchmark runs at small sizes (a smoke test, no timing assertions), the result
+arithmetic and CLI behave, and the packing helpers of sim.federation keep every node exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sim.bench import main, run_benchmarks
+from sim.bench_core import BenchConfig, BenchError, BenchResult
+from sim.federation import ONE_ACTOR_PER_NODE_MAX, NodePlan, actor_groups, packing, process_memory
+
+KEYS = {"name", "value", "baseline", "ratio", "unit"}
+
+
+# ---- result arithmetic ----------------------------------------------------------------------
+
+def test_ratio_and_targets_follow_the_direction_of_better() -> None:
+    ship = BenchResult(name="ship", value=80.0, baseline=100.0, unit="MB/s", better="higher", description="", target=0.8)
+    assert ship.ratio == pytest.approx(0.8) and ship.met() is True
+    slow = BenchResult(name="ship", value=70.0, baseline=100.0, unit="MB/s", better="higher", description="", target=0.8)
+    assert slow.met() is False
+    start = BenchResult(name="startup", value=16.0, baseline=40.0, unit="s", better="lower", description="",
+                        target=15.0, target_on="value")
+    assert start.ratio == pytest.approx(0.4) and start.met() is False  # the target is on the value, not the ratio
+    free = BenchResult(name="x", value=1.0, baseline=0.0, unit="s", better="lower", description="")
+    assert math.isnan(free.ratio) and free.met() is None
+    d = ship.as_dict()
+    assert KEYS <= set(d) and d["ratio"] == pytest.approx(0.8) and d["target_met"] is True
+    json.dumps(d)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"nodes": 3}, "nodes"), ({"preset": "huge"}, "preset"), ({"repeats": 0}, "repeats"),
+    ({"chunk_size": 100}, "chunk_size"), ({"decode_codecs": ()}, "decode_codecs"),
+    ({"score_chars": 10}, "score_chars"), ({"nodes_per_actor": 0}, "nodes_per_actor"),
+])
+def test_config_refuses_bad_sizes_naming_the_field(change, key) -> None:
+    with pytest.raises(BenchError, match=f"^{key}:"):
+        BenchConfig(**change)
+
+
+def test_cli_refuses_unknown_names_and_bad_sizes_in_one_line(capsys) -> None:
+    assert main(["nosuch", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown benchmark 'nosuch'") and err.count("\n") == 1
+    assert main(["ship", "--quick", "--nodes", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: nodes:")
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+
+
+# ---- packing helpers ------------------------------------------------------------------------
+
+@given(n=st.integers(1, 300), per=st.integers(1, 80))
+def test_actor_groups_deal_every_node_once_within_the_packing(n: int, per: int) -> None:
+    plans = [NodePlan(node_id=f"node-{i:04d}", index=i, model="base", bundle="b") for i in range(n)]
+    groups = actor_groups(plans, per)
+    assert len(groups) == math.ceil(n / per)
+    assert all(1 <= len(g) <= per for g in groups)
+    assert sorted(p.index for g in groups for p in g) == list(range(n))
+    # dealt round-robin: the first len(groups) plans (the specialists) sit on distinct actors
+    assert [g[0].index for g in groups] == list(range(len(groups)))
+
+
+def test_packing_keeps_what_is_asked_and_packs_only_what_would_not_fit() -> None:
+    assert packing(32, 1, cpus=2) == 1  # the default, one actor per node, where it fits
+    assert packing(ONE_ACTOR_PER_NODE_MAX, 1, cpus=2) == 1
+    assert packing(1024, 1, cpus=2) == 256  # four actors at least: the specialists on four of them
+    assert packing(1024, 1, cpus=16) == 64  # one actor per core
+    assert packing(1024, 64, cpus=2) == 64  # an explicit packing is kept
+    assert packing(10, 3, cpus=2) == 3
+
+
+def test_process_memory_reads_this_process() -> None:
+    mem = process_memory(os.getpid())
+    assert mem["rss_bytes"] > 10 * 2 ** 20  # python + torch imported by the suite
+    assert 0 < mem["pss_bytes"] <= mem["rss_bytes"] and 0 < mem["uss_bytes"] <= mem["pss_bytes"]
+    assert process_memory(2 ** 30)["rss_bytes"] == 0  # no such process
+
+
+# ---- smoke runs -----------------------------------------------------------------------------
+
+def test_wire_benchmarks_run_and_print_json(capsys) -> None:
+    assert main(["decode", "ship", "fetch_verified", "--quick", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["decode_int8", "ship", "fetch_verified"]
+    for r in rows:
+        assert KEYS <= set(r)
+        assert r["value"] > 0 and r["baseline"] > 0 and r["ratio"] == pytest.approx(r["value"] / r["baseline"])
+        assert r["unit"] == "MB/s"
+    ship = rows[1]
+    assert ship["detail"]["bytes"] > 0 and ship["target"] == 0.8
+
+
+@pytest.mark.slow
+def test_federation_benchmarks_on_a_tiny_federation(tiny_suite) -> None:
+    cfg = BenchConfig.quick()
+    results = asyncio.run(run_benchmarks(["startup", "memory", "score", "mixture"], cfg, suite=tiny_suite))
+    by = {r.name: r for r in results}
+    assert set(by) == {"startup", "memory", "score", "mixture_k2"}
+    for r in results:
+        assert r.value > 0 and r.baseline > 0 and math.isfinite(r.ratio)
+    start = by["startup"].detail
+    assert start["packed"]["nodes"] == start["baseline"]["nodes"] == cfg.nodes
+    assert start["packed"]["actors"] == math.ceil(cfg.nodes / cfg.nodes_per_actor)
+    assert start["baseline"]["actors"] == math.ceil(cfg.nodes / cfg.baseline_nodes_per_actor)
+    # the federation's scores are the in-process model's (same bundle bytes, same adapter blob)
+    score = by["score"].detail
+    assert score["tokens"] > 0 and score["max_abs_logp_diff"] < 1e-4
+    assert score["concurrent_users"] == len(tiny_suite.known_users) and score["concurrent_tokens_per_s"] > 0
+    mem = by["memory"].detail
+    assert mem["actors"] == 2 and mem["weight_store"]["bundles"] >= 1
+    assert mem["actor_pss_bytes"] <= mem["actor_rss_bytes"]
+    # two specialist nodes, dealt to two different actors
+    assert by["mixture_k2"].detail["k"] == 2 and by["mixture_k2"].detail["specialist_actors"] == 2
