@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default all): {', '.join(reg_names)}")
-    ap.add_argument("--json", action="store_true", help="print a JSON list of {name, value, baseline, ratio, unit, ...}")
+    ap.add_argument("--json", action="store_true",
+                    help="print a JSON list of {name, value, baseline, ratio, unit, ...}")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--save", metavar="FILE.json", help="also write the JSON list to FILE.json")
     ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")

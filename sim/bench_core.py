@@ -54,6 +54,7 @@ class BenchConfig:
     decode_codecs: tuple[str, ...] = ("int8", "ternary")
     chunk_size: int = 256 * 1024  # the coordinator's default chunk size
     repeats: int = 5  # interleaved rounds of value and baseline; the best of each is kept
+    ship_repeats: int = 20  # rounds of the shipping benchmarks (a 30m bundle crosses loopback in ~50 ms)
     preset: str = "small"  # trained preset of the federation benchmarks
     nodes: int = 32  # federation size of startup / memory / score / mixture
     nodes_per_actor: int = 8  # packing of the measured federation
@@ -71,7 +72,8 @@ class BenchConfig:
             need(getattr(self, key) in PRESETS, key, f"must be one of {', '.join(PRESETS)}, got {getattr(self, key)!r}")
         need(bool(self.decode_codecs), "decode_codecs", "must name at least one codec")
         need(4096 <= self.chunk_size <= 4 * 1024 * 1024, "chunk_size", f"must be 4 KiB..4 MiB, got {self.chunk_size}")
-        for key in ("repeats", "score_requests", "mixture_requests", "nodes_per_actor", "baseline_nodes_per_actor"):
+        for key in ("repeats", "ship_repeats", "score_requests", "mixture_requests", "nodes_per_actor",
+                    "baseline_nodes_per_actor"):
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         need(4 <= self.nodes <= 4096, "nodes", f"must be 4..4096 (two specialists and two base nodes at least), "
                                                f"got {self.nodes}")
@@ -84,8 +86,8 @@ class BenchConfig:
         The start-up baseline packs all 4 nodes into one actor: Ray actors are what costs time here
         (one actor per node is the full run's baseline).
         """
-        return BenchConfig(decode_shape="tiny", decode_codecs=("int8",), repeats=2, preset="tiny", nodes=4,
-                           nodes_per_actor=2, baseline_nodes_per_actor=4, score_requests=3, score_chars=400,
+        return BenchConfig(decode_shape="tiny", decode_codecs=("int8",), repeats=2, ship_repeats=2, preset="tiny",
+                           nodes=4, nodes_per_actor=2, baseline_nodes_per_actor=4, score_requests=3, score_chars=400,
                            mixture_requests=2)
 
 

@@ -260,7 +260,8 @@ async def score(ctx: BenchContext) -> list[BenchResult]:
     return [BenchResult(
         name="score", value=tokens / fed_s, baseline=tokens / local_s, unit="tokens/s", better="higher", target=0.7,
         description=f"Federation.Score (user with adapter, {cfg.score_chars} chars, one request at a time) through "
-                    f"the coordinator and a node vs model.evaluate.token_logps in-process, {cfg.preset}, 1 torch thread",
+                    f"the coordinator and a node vs model.evaluate.token_logps in-process, {cfg.preset}, "
+                    f"1 torch thread",
         detail={"requests": len(texts), "tokens": tokens, "federation_s": fed_s, "in_process_s": local_s,
                 "max_abs_logp_diff": diff, "node": last["fed"].node_id,
                 "ms_per_request_federation": 1000 * fed_s / len(texts),

@@ -197,7 +197,7 @@ async def ship(ctx) -> list[BenchResult]:
     async with ShipRig(ctx, data) as rig:
         await rig.coordinator_fetch()  # warm-up: connections, page cache
         await rig.bare_fetch()
-        coord_s, bare_s = await abest_of(cfg.repeats, rig.coordinator_fetch, rig.bare_fetch)
+        coord_s, bare_s = await abest_of(cfg.ship_repeats, rig.coordinator_fetch, rig.bare_fetch)
     return [BenchResult(
         name="ship", value=len(data) / coord_s / MB, baseline=len(data) / bare_s / MB, unit="MB/s",
         better="higher", target=0.8,
@@ -215,7 +215,7 @@ async def fetch_verified(ctx) -> list[BenchResult]:
     async with ShipRig(ctx, data) as rig:
         await rig.node_fetch()
         await rig.bare_fetch()
-        node_s, bare_s = await abest_of(cfg.repeats, rig.node_fetch, rig.bare_fetch)
+        node_s, bare_s = await abest_of(cfg.ship_repeats, rig.node_fetch, rig.bare_fetch)
     return [BenchResult(
         name="fetch_verified", value=len(data) / node_s / MB, baseline=len(data) / bare_s / MB, unit="MB/s",
         better="higher",
