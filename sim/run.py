@@ -87,6 +87,7 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
         phases["workload"] = time.perf_counter() - t
         stats = stats_to_dict(fed.handle.traffic.stats())
         report = assemble(scn, fed, stats, workload, links)
+        report["memory"] = await fed.memory()  # RSS and PSS of every node actor, per node
         if extra is not None:
             t = time.perf_counter()
             await extra(fed, report)

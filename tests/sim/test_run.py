@@ -81,6 +81,9 @@ def test_report_files_and_keys(federation_run):
     assert all({"kind", "node", "bytes", "start", "end"} <= set(e) for e in events)
     assert all(e["end"] >= e["start"] for e in events)
     assert report["requests"]["failed"] == 0
+    mem = on_disk["memory"]
+    assert mem["nodes"] == 4 and len(mem["actors"]) == on_disk["actors"]
+    assert all(a["rss_bytes"] > 10_000_000 for a in mem["actors"])  # a live process with torch loaded
 
 
 def test_bundle_bytes_equal_the_bundle_files(federation_run):
