@@ -150,8 +150,16 @@ def init_ray(address: str = "") -> bool:
     local = {} if address else {"_node_ip_address": "127.0.0.1"}
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address=address or None, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             logging_level="warning", **local)
+    for attempt in (1, 2):
+        try:
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, logging_level="warning", **local)
+            return True
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its node start-up times out
+            ray.shutdown()
+            if attempt == 2:
+                where = address or "a local Ray"
+                raise FederationError(f"Ray did not start ({where}): {str(exc).splitlines()[0]}") from None
     return True
 
 
