@@ -27,15 +27,16 @@ def kind_name(kind: int) -> str:
     return pb.ByteKind.Name(kind).removeprefix("BYTE_KIND_")
 
 
+def _kinds(rows) -> dict:
+    """KindBytes rows as {kind: {sent, received, payload, messages}}."""
+    return {kind_name(k.kind): {"sent": k.sent, "received": k.received, "payload": k.payload,
+                                "messages": k.messages} for k in rows}
+
+
 def stats_to_dict(stats: pb.Stats) -> dict:
     """The coordinator's byte counters as plain data: totals, by kind, by node and kind."""
-    by_kind = {kind_name(k.kind): {"sent": k.sent, "received": k.received, "payload": k.payload,
-                                   "messages": k.messages} for k in stats.by_kind}
-    by_node = {}
-    for nb in stats.by_node:
-        by_node[nb.node_id] = {kind_name(k.kind): {"sent": k.sent, "received": k.received, "payload": k.payload,
-                                                   "messages": k.messages} for k in nb.by_kind}
-    return {"bytes_total": stats.bytes_total, "by_kind": by_kind, "by_node": by_node,
+    return {"bytes_total": stats.bytes_total, "by_kind": _kinds(stats.by_kind),
+            "by_node": {nb.node_id: _kinds(nb.by_kind) for nb in stats.by_node},
             "requests_ok": stats.requests_ok, "requests_failed": stats.requests_failed,
             "requests_shed": stats.requests_shed, "requests_failed_over": stats.requests_failed_over}
 
