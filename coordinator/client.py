@@ -165,6 +165,9 @@ COMMANDS = {
                               lambda a: pb.SetNodeStateRequest(node_id=a.node_id, state=_STATES[a.state])),
     "routing": _simple("GetRoutingStats", lambda a: pb.GetRoutingStatsRequest(node_id=a.node or "")),
     "reset-stats": _simple("ResetStats", lambda a: pb.ResetStatsRequest()),
+    "soup": _simple("InstantiateSoup", lambda a: pb.SoupRequest(
+        node_id=a.node_id, domain_weights=a.weights or [],
+        sample_text=Path(a.sample_file).read_text(encoding="utf-8") if a.sample_file else "")),
 }
 
 
@@ -230,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("routing", help="admin: routing histograms")
     s.add_argument("--node")
     sub.add_parser("reset-stats", help="admin: zero the byte counters")
+    s = sub.add_parser("soup", help="admin: a Soup-of-Experts node instantiates the specialist for "
+                                    "domain weights (given, or estimated from a sample of text)")
+    s.add_argument("node_id")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--weights", type=float, nargs="+", metavar="H", help="domain weights, one per bank domain")
+    g.add_argument("--sample-file", help="a text sample of the target users: the node estimates h from it")
     return p
 
 

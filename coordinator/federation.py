@@ -25,6 +25,7 @@ from .tokens import IncrementalDecoder
 _MODES = (pb.MIXTURE_MODE_UNSPECIFIED, pb.MIXTURE_MODE_UNIFORM, pb.MIXTURE_MODE_POSTERIOR)
 _MAX_TEMPERATURE = 10.0
 _MAX_BUNDLE_BYTES = 1 << 40
+_MAX_SOUP_DOMAINS = 256
 
 
 def _not_found(message: str) -> RequestError:
@@ -466,3 +467,34 @@ class FederationService(rpc.FederationServicer):
         self.core.auth.admin(context.invocation_metadata())
         self.core.traffic.reset()
         return self._stats(None)
+
+    @handles_errors
+    async def InstantiateSoup(self, request: pb.SoupRequest, context) -> pb.InstantiateSoupReply:
+        self.core.auth.admin(context.invocation_metadata())
+        node = self.core.registry.get_node(check_id(request.node_id, "node_id"))
+        if node is None:
+            raise _not_found(f"unknown node {request.node_id!r}")
+        if not node.healthy:
+            raise _precondition(f"node {node.node_id!r} is {pb.NodeState.Name(node.state)}")
+        weights = list(request.domain_weights)
+        if bool(weights) == bool(request.sample_text):
+            raise invalid("give exactly one of domain_weights and sample_text")
+        check_int(len(weights), "domain_weights count", 0, _MAX_SOUP_DOMAINS)
+        for i, w in enumerate(weights):
+            check_float(w, f"domain_weights[{i}]", 0.0, 1.0)
+        node_request = pb.InstantiateSoupRequest(domain_weights=weights)
+        if request.sample_text:
+            check_text(request.sample_text, "sample_text", self.core.config.max_text_chars)
+            ids = self.core.require_codec().encode(request.sample_text)
+            if not ids:
+                raise invalid("sample_text tokenizes to no tokens")
+            node_request.sample_token_ids.extend(ids)
+        try:
+            return await self.core.clients.unary(node, "InstantiateSoup", node_request, kind=pb.BYTE_KIND_CONTROL,
+                                                 timeout=self.core.timeout(context))
+        except grpc.aio.AioRpcError as err:
+            # the node judges h against its bank (domain count, sum) and whether it holds one: the
+            # caller's mistakes, so they keep their code; anything else is the node's failure
+            if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                raise RequestError(err.code(), f"node {node.node_id}: {err.details()}") from None
+            raise node_error(node, err) from None

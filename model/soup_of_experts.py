@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from .codecs import codec_for, encode_state_dict, encode_tensor
 from .config import ModelConfig, TrainConfig, _require
 from .fractal_moe import FractalMoE, Output, build_model
 
@@ -240,21 +241,125 @@ def bytes_comparison(soup: SoupOfExperts, ks: Sequence[int] = (1, 2, 4, 8, 16, 3
         "break_even_k": math.floor(bank_total / spec) + 1,
     }
     if expert_codec is not None:
-        from .codecs import encode_state_dict  # only this optional figure needs the codecs
-
-        def enc(state: dict[str, torch.Tensor]) -> int:
-            return sum(len(e.payload) for e in encode_state_dict(state, expert_codec=expert_codec, other_codec="fp16"))
-        spec_c = enc(soup.shared_state())
-        # dense entries go through the codec at their model shapes; low-rank factors ship as fp16
-        dense_names = [n for n in soup.names if _key(n) in soup.bank]
-        factors = sum(p.numel() for d in (soup.bank_u, soup.bank_v) for p in d.values())
-        bank_c = (spec_c + counts["mlp"] * 2 + 2 * factors
-                  + sum(enc({n: soup.bank[_key(n)][j].detach() for n in dense_names})
-                        for j in range(soup.cfg.bank_size)))
+        spec_c = sum(len(e.payload) for e in encode_state_dict(soup.shared_state(), expert_codec=expert_codec,
+                                                                 other_codec="fp16"))
+        # exactly what a bank bundle carries (without its unigram tables): S and the dense entries
+        # at the model's shapes in the model's codecs, the low-rank factors and the MLP in fp16
+        bank_c = sum(len(e.payload) for e in wire_records(soup, expert_codec=expert_codec))
         out["codec"] = {"expert_codec": expert_codec, "specialist": spec_c, "bank_total": bank_c,
                         "specialists": {str(k): k * spec_c for k in ks},
                         "break_even_k": math.floor(bank_c / spec_c) + 1}
     return out
+
+
+# ---- the bank on the wire ------------------------------------------------------------------------------
+
+SOUP_KIND = "soup-of-experts"  # meta["kind"] of a bundle that carries a bank rather than a model
+UNIGRAM = "unigram"  # wire name of the (D, V) per-domain unigram log-probabilities
+
+
+def wire_tensors(soup: SoupOfExperts, log_tables: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor a node needs to instantiate ``soup``, flat, under wire names.
+
+    ``shared:<param>`` (S), ``bank:<j>:<param>`` (dense entries, at the model's shapes),
+    ``bank_u:<j>:<param>`` / ``bank_v:<j>:<param>`` (low-rank factors), ``mlp:<name>`` (the MLP), and
+    ``unigram`` (the (D, V) tables of :func:`unigram_log_tables`, when given) so that the node can
+    estimate h from a sample itself. The model parameter a name stands for is :func:`wire_param`.
+    """
+    out: dict[str, torch.Tensor] = {f"shared:{n}": t for n, t in soup.shared_state().items()}
+    for name in soup.names:
+        k = _key(name)
+        for j in range(soup.cfg.bank_size):
+            if k in soup.bank:
+                out[f"bank:{j}:{name}"] = soup.bank[k][j].detach()
+            else:
+                out[f"bank_u:{j}:{name}"] = soup.bank_u[k][j].detach()  # (out, r)
+                out[f"bank_v:{j}:{name}"] = soup.bank_v[k][j].detach()  # (in, r)
+    out.update({f"mlp:{n}": t.detach() for n, t in soup.mlp.state_dict().items()})
+    if log_tables is not None:
+        if log_tables.shape[0] != len(soup.domains):
+            raise SoupError(f"log_tables has {log_tables.shape[0]} rows, the bank {len(soup.domains)} domains")
+        out[UNIGRAM] = log_tables.detach().to(torch.float32)  # (D, V)
+    return out
+
+
+def wire_records(soup: SoupOfExperts, log_tables: torch.Tensor | None = None, *, expert_codec: str,
+                 other_codec: str = "fp16") -> list:
+    """:func:`wire_tensors` encoded for a bundle (``model.codecs.EncodedTensor`` records): S and the
+    dense entries in the codec of the parameter they stand for (experts ``expert_codec``, the rest
+    ``other_codec``), the low-rank factors, the MLP and the unigram tables in ``other_codec``."""
+    out = []
+    for name, t in wire_tensors(soup, log_tables).items():
+        param = wire_param(name)
+        codec = other_codec if param is None else codec_for(param, expert_codec=expert_codec, other_codec=other_codec)
+        out.append(encode_tensor(name, t, codec))
+    return out
+
+
+def wire_param(wire_name: str) -> str | None:
+    """The model parameter a shared or dense bank tensor stands for (so that its codec is the
+    parameter's: experts compressed like the model's, the rest like the model's rest); None for
+    low-rank factors, the MLP and the unigram tables."""
+    kind, _, rest = wire_name.partition(":")
+    if kind == "shared":
+        return rest
+    if kind == "bank":
+        return rest.partition(":")[2]
+    return None
+
+
+def wire_meta(soup: SoupOfExperts) -> dict:
+    """The bundle metadata that lets a node rebuild ``soup`` (with the model's own ``model_config``)."""
+    return {"kind": SOUP_KIND, "domains": list(soup.domains), "bank_size": soup.cfg.bank_size,
+            "rank": soup.cfg.rank, "mlp_hidden": soup.cfg.mlp_hidden}
+
+
+def soup_from_wire(model_cfg: ModelConfig, meta: dict, tensors: dict[str, torch.Tensor]
+                   ) -> tuple[SoupOfExperts, torch.Tensor | None]:
+    """Rebuild a bank from :func:`wire_meta` and decoded :func:`wire_tensors`; (soup, unigram tables or None).
+
+    SoupError names the first thing that does not fit: a missing or unknown tensor, a wrong shape,
+    non-finite values. The rebuilt bank instantiates exactly what the shipped tensors say.
+    """
+    try:
+        domains = [str(d) for d in meta["domains"]]
+        n, rank, hidden = int(meta["bank_size"]), int(meta["rank"]), int(meta["mlp_hidden"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SoupError(f"soup metadata is incomplete: {exc!r}") from None
+    # the training fields are not shipped; placeholders satisfy SoupConfig's checks
+    cfg = SoupConfig(bank_size=n, rank=rank, mlp_hidden=hidden, support=1, steps=1,
+                     seq_len=model_cfg.context, lr=1e-3, warmup=0)
+    with torch.device("meta"):  # shapes only: the shipped tensors are assigned below
+        soup = SoupOfExperts(model_cfg, cfg, domains)
+    expected = {k: tuple(t.shape) for k, t in wire_tensors(soup).items()}
+    got = {k: v for k, v in tensors.items() if k != UNIGRAM}
+    missing, unknown = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or unknown:
+        raise SoupError(f"soup tensors do not match the bank: missing {missing[:2]}, unknown {unknown[:2]}")
+    for k, t in got.items():
+        if tuple(t.shape) != expected[k]:
+            raise SoupError(f"soup tensor {k} has shape {list(t.shape)}, expected {list(expected[k])}")
+        if not bool(torch.isfinite(t).all()):
+            raise SoupError(f"soup tensor {k} holds NaN or infinite values")
+    state: dict[str, torch.Tensor] = {}
+    for name in soup.names:
+        k = _key(name)
+        state[f"shared.{k}"] = got[f"shared:{name}"]
+        if k in soup.bank:
+            state[f"bank.{k}"] = torch.stack([got[f"bank:{j}:{name}"] for j in range(n)])  # (n, *shape)
+        else:
+            state[f"bank_u.{k}"] = torch.stack([got[f"bank_u:{j}:{name}"] for j in range(n)])  # (n, out, r)
+            state[f"bank_v.{k}"] = torch.stack([got[f"bank_v:{j}:{name}"] for j in range(n)])  # (n, in, r)
+    state.update({f"mlp.{k[4:]}": v for k, v in got.items() if k.startswith("mlp:")})
+    soup.load_state_dict(state, assign=True, strict=True)
+    soup.requires_grad_(False)
+    soup.eval()
+    tables = tensors.get(UNIGRAM)
+    if tables is not None and (tables.dim() != 2 or tables.shape[0] != len(domains)
+                               or tables.shape[1] != model_cfg.vocab_size or not bool(torch.isfinite(tables).all())):
+        raise SoupError(f"unigram tables of shape {list(tables.shape)}: expected finite "
+                        f"[{len(domains)}, {model_cfg.vocab_size}]")
+    return soup, tables
 
 
 # ---- specialisation: domain weights from a few samples ------------------------------------------------

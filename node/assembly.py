@@ -31,6 +31,7 @@ import torch
 from model.codecs import CODECS, CodecError, decode_tensor
 from model.config import ConfigError, ModelConfig, get_preset
 from model.fractal_moe import FractalMoE, expert_of, is_norm_param
+from model.soup_of_experts import SOUP_KIND, SoupError, SoupOfExperts, soup_from_wire
 from proto.bundle import Bundle, BundleError, read_bundle_verified
 
 T = TypeVar("T")
@@ -42,7 +43,12 @@ class AssemblyError(ValueError):
 
 @dataclass(frozen=True)
 class DecodedBundle:
-    """A verified bundle, decoded: its identity, its metadata, and frozen float32 tensors."""
+    """A verified bundle, decoded: its identity, its metadata, and frozen float32 tensors.
+
+    A Soup-of-Experts bank (meta ``kind`` "soup-of-experts") decodes into ``bank`` (and the
+    per-domain ``unigram`` tables it ships) with no model ``tensors``: it makes no model by itself;
+    a node instantiates one from it (``node.runtime.VirtualNode.instantiate_soup``).
+    """
 
     name: str
     sha256: bytes
@@ -52,11 +58,15 @@ class DecodedBundle:
     tensors: dict[str, torch.Tensor]
     model: str = "base"
     codec: str = ""
+    bank: SoupOfExperts | None = None
+    unigram: torch.Tensor | None = None  # (D, V) log-probs, with a bank
 
     @property
     def nbytes(self) -> int:
-        """Memory of the decoded tensors."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        """Memory of the decoded tensors (a bank's included)."""
+        held = list(self.tensors.values()) + (list(self.bank.parameters()) if self.bank is not None else [])
+        held += [self.unigram] if self.unigram is not None else []
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 def config_from_meta(meta: dict) -> ModelConfig:
@@ -331,10 +341,18 @@ def decode_records(bundle: Bundle, *, name: str, sha256: bytes, size: int, model
             tensors[r.name] = decode_tensor(r).requires_grad_(False)
     except CodecError as exc:
         raise AssemblyError(f"bundle {name!r}: {exc}") from None
-    check_tensors(cfg, tensors, bundle=name)
     meta = bundle.meta
+    model, codec = model or str(meta.get("model", "base")), codec or str(meta.get("codec", ""))
+    if meta.get("kind") == SOUP_KIND:
+        try:
+            bank, unigram = soup_from_wire(cfg, meta, tensors)
+        except SoupError as exc:
+            raise AssemblyError(f"bundle {name!r}: {exc}") from None
+        return DecodedBundle(name=name, sha256=sha256, size=size, meta=dict(meta), config=cfg, tensors={},
+                             model=model, codec=codec, bank=bank, unigram=unigram)
+    check_tensors(cfg, tensors, bundle=name)
     return DecodedBundle(name=name, sha256=sha256, size=size, meta=dict(meta), config=cfg, tensors=tensors,
-                         model=model or str(meta.get("model", "base")), codec=codec or str(meta.get("codec", "")))
+                         model=model, codec=codec)
 
 
 def decode_bundle(data: bytes, *, name: str, model: str = "", codec: str = "") -> DecodedBundle:

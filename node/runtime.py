@@ -14,6 +14,7 @@ that swaps the model mid-request never mixes two models in one answer.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -26,6 +27,8 @@ import torch
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+
+from model.soup_of_experts import SoupError, estimate_domain_weights
 
 from .adapters import ID_RE, AdapterError, AdapterStore, UserAdapter, decode_adapter
 from .assembly import AssemblyError, DecodedBundle, ServedModel, WeightStore, decode_records, pack_mask, used_bundles
@@ -41,6 +44,7 @@ T = TypeVar("T")
 COMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-compute")
 
 BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_SOUP_SAMPLE_TOKENS = 65536  # InstantiateSoupRequest.sample_token_ids
 
 
 class NodeError(Exception):
@@ -106,6 +110,27 @@ class ControlLink:
 
 
 @dataclass
+class SoupInstance:
+    """The specialist a node instantiated from its Soup-of-Experts bank."""
+
+    bank: str  # the bank bundle's name
+    domains: tuple[str, ...]
+    domain_weights: list[float]  # h
+    alpha: list[float]  # MLP(h)
+    label: str  # what ScoreTokensReply.model says
+
+    def as_dict(self) -> dict:
+        """JSON-able."""
+        return {"bank": self.bank, "domains": list(self.domains), "domain_weights": self.domain_weights,
+                "alpha": self.alpha, "model": self.label}
+
+
+def soup_label(h: Sequence[float]) -> str:
+    """The model label of a specialist instantiated for domain weights ``h``."""
+    return "soup:h=" + ",".join(f"{v:.3f}" for v in h)
+
+
+@dataclass
 class InstallResult:
     """What an install did."""
 
@@ -140,6 +165,8 @@ class VirtualNode:
         self.served: ServedModel | None = None
         self.bundles: list[DecodedBundle] = []
         self.superseded: set[tuple[str, bytes]] = set()  # (name, sha256) installed, then fully overridden
+        self.bank: DecodedBundle | None = None  # a Soup-of-Experts bank, when the node holds one
+        self.soup: SoupInstance | None = None  # what it instantiated from the bank
         self.mask: torch.Tensor | None = None  # (L, E) bool: experts this node has installed
         self.routing: torch.Tensor | None = None  # (L, E) long: cumulative routing counts
         self.predictions = 0  # positions counted in ``routing`` (one per prediction served)
@@ -193,7 +220,7 @@ class VirtualNode:
 
     def label(self, user_id: str) -> str:
         """The ScoreTokensReply.model string for a request of ``user_id``."""
-        base = model_label(self.model_name)
+        base = self.soup.label if self.soup is not None else model_label(self.model_name)
         return f"{base}+adapter:{user_id}" if user_id else base
 
     # ----------------------------------------------------------------------------- serving
@@ -308,13 +335,15 @@ class VirtualNode:
     # ----------------------------------------------------------------------------- bundles
 
     def installed_names(self) -> list[str]:
-        """Names of the bundles the node holds, in install order."""
-        return [b.name for b in self.bundles]
+        """Names of the bundles the node holds, in install order (a bank, not what it instantiated)."""
+        bank = [self.bank.name] if self.bank is not None else []
+        return bank + [b.name for b in self.bundles if "instantiated_from" not in b.meta]
 
     def _held(self, ref: pb.BundleRef) -> bool:
         """True for a bundle installed before: held now, or superseded by a later one (so a
         coordinator that keeps offering a superseded bundle does not make the node refetch it)."""
-        for name, sha in [(b.name, b.sha256) for b in self.bundles] + list(self.superseded):
+        bank = [(self.bank.name, self.bank.sha256)] if self.bank is not None else []
+        for name, sha in [(b.name, b.sha256) for b in self.bundles] + bank + list(self.superseded):
             if ref.sha256 and sha == bytes(ref.sha256):
                 return True
             if not ref.sha256 and name == ref.name:
@@ -361,8 +390,19 @@ class VirtualNode:
             except AssemblyError as exc:
                 self.store.prune()
                 raise InstallFailed(f"bundle rejected: {exc}", grpc.StatusCode.DATA_LOSS) from None
-            if new:
-                await self.adopt(new)
+            banks = [b for b in new if b.bank is not None]
+            models = [b for b in new if b.bank is None]
+            if banks:
+                # a bank makes no model by itself: serve its instantiation for the current h
+                # (uniform over its domains at first) until InstantiateSoup asks for another
+                bank = banks[-1]
+                h = self._soup_h(bank)
+                models.append(await self._run_compute(lambda: self._instantiated(bank, h, None)[0]))
+            if models:
+                await self.adopt(models)
+            if banks:
+                self.bank = banks[-1]
+                self.soup = self._instance(self.bank, h)
             result.installed = self.installed_names()
             result.seconds = time.perf_counter() - t0
             return result
@@ -388,6 +428,77 @@ class VirtualNode:
         self._drop_unfit_adapters(served)
         self.state = pb.NODE_STATE_HEALTHY
 
+    # ----------------------------------------------------------------------------- soup of experts
+
+    async def _run_compute(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(COMPUTE, fn)
+
+    def _soup_h(self, bank: DecodedBundle) -> torch.Tensor:
+        """The h to keep serving with a new bank: the current one if it fits, else uniform."""
+        d = len(bank.bank.domains)
+        if self.soup is not None and len(self.soup.domain_weights) == d:
+            return torch.tensor(self.soup.domain_weights)
+        return torch.full((d,), 1.0 / d)
+
+    def _instance(self, bank: DecodedBundle, h: torch.Tensor) -> SoupInstance:
+        h = bank.bank.check_h(h)
+        return SoupInstance(bank=bank.name, domains=bank.bank.domains, domain_weights=[float(v) for v in h],
+                            alpha=[float(v) for v in bank.bank.alpha(h).detach()], label=soup_label(h.tolist()))
+
+    def _instantiated(self, bank: DecodedBundle, h: torch.Tensor | None,
+                      sample: torch.Tensor | None) -> tuple[DecodedBundle, torch.Tensor]:
+        """(the decoded pseudo-bundle of the specialist for h, h); blocking. h is estimated from
+        ``sample`` (token ids) when not given. Shared with the process's other nodes by a sha256 of
+        the bank's and h's bytes."""
+        soup = bank.bank
+        try:
+            if h is None:
+                if bank.unigram is None:
+                    raise InvalidRequest(f"bank {bank.name!r} ships no unigram tables: give domain_weights")
+                h = estimate_domain_weights(sample, bank.unigram)
+            h = soup.check_h(h)
+        except SoupError as exc:
+            raise InvalidRequest(str(exc)) from None
+        h = h.to(torch.float32)
+        sha = hashlib.sha256(bank.sha256 + h.numpy().tobytes()).digest()
+
+        def build() -> DecodedBundle:
+            tensors = {k: v.requires_grad_(False) for k, v in soup.instantiate(h).items()}
+            return DecodedBundle(name=f"{bank.name}@{sha.hex()[:12]}", sha256=sha, size=0, config=bank.config,
+                                 meta={"instantiated_from": bank.name, "domain_weights": h.tolist()},
+                                 tensors=tensors, model=bank.model, codec=bank.codec)
+        return self.store.get_or_decode(sha, build), h
+
+    async def instantiate_soup(self, domain_weights: Sequence[float] = (),
+                               sample_token_ids: Sequence[int] = ()) -> SoupInstance:
+        """Serve the specialist of the held bank for ``domain_weights`` h, or for h estimated from
+        ``sample_token_ids`` (exactly one of the two), atomically: until it is built the node
+        serves what it served. FAILED_PRECONDITION without a bank; INVALID_ARGUMENT for a bad h."""
+        bank = self.bank
+        if bank is None:
+            raise NoModel(f"node {self.node_id} holds no Soup-of-Experts bank (install a bundle of kind "
+                          f"\"soup-of-experts\" first)")
+        if bool(domain_weights) == bool(sample_token_ids):
+            raise InvalidRequest("give exactly one of domain_weights and sample_token_ids")
+        h = sample = None
+        if domain_weights:
+            if len(domain_weights) != len(bank.bank.domains):
+                raise InvalidRequest(f"domain_weights has {len(domain_weights)} values; the bank has "
+                                     f"{len(bank.bank.domains)} domains ({', '.join(bank.bank.domains)})")
+            h = torch.tensor(list(domain_weights), dtype=torch.float32)
+        else:
+            n, vocab = len(sample_token_ids), bank.config.vocab_size
+            if n > MAX_SOUP_SAMPLE_TOKENS:
+                raise InvalidRequest(f"sample of {n} tokens exceeds the limit of {MAX_SOUP_SAMPLE_TOKENS}")
+            sample = torch.tensor(list(sample_token_ids), dtype=torch.long)
+            if bool((sample >= vocab).any()):
+                raise InvalidRequest(f"sample token id {int(sample.max())} is out of range (vocabulary of {vocab})")
+        async with self._install_lock:
+            inst, h = await self._run_compute(lambda: self._instantiated(bank, h, sample))
+            await self.adopt([inst])
+            self.soup = self._instance(bank, h)
+            return self.soup
+
     def _drop_unfit_adapters(self, served: ServedModel) -> None:
         """A new model of another shape invalidates adapters made for the old one."""
         for uid in self.adapters.user_ids():
@@ -399,6 +510,7 @@ class VirtualNode:
         """Release the shared weights this node holds."""
         self.store.release(self.served)
         self.served, self.mask, self.bundles = None, None, []
+        self.bank, self.soup = None, None
         self.state = pb.NODE_STATE_DOWN
 
     # ----------------------------------------------------------------------------- reporting
@@ -451,4 +563,5 @@ class VirtualNode:
             "inflight": self.inflight,
             "predictions": self.predictions,
             "bytes": self.counter.as_dict(),
+            "soup": self.soup.as_dict() if self.soup is not None else None,
         }

@@ -135,6 +135,13 @@ class NodeService(rpc.NodeServicer):
             result = await self.node.install(list(request.bundles))
             return pb.InstallBundlesReply(installed=result.installed, bytes_fetched=result.bytes_fetched)
 
+    async def InstantiateSoup(self, request: pb.InstantiateSoupRequest, context) -> pb.InstantiateSoupReply:
+        """Serve the specialist of the node's Soup-of-Experts bank for the given or estimated h."""
+        async with self._call(context):
+            inst = await self.node.instantiate_soup(request.domain_weights, request.sample_token_ids)
+            return pb.InstantiateSoupReply(node_id=self.node.node_id, bank=inst.bank, domains=inst.domains,
+                                           domain_weights=inst.domain_weights, alpha=inst.alpha, model=inst.label)
+
     async def Status(self, request: pb.NodeStatusRequest, context) -> pb.NodeStatus:
         """What the node holds and its counters."""
         async with self._call(context):

@@ -415,6 +415,16 @@ class ResetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SoupRequest(_message.Message):
+    __slots__ = ("node_id", "domain_weights", "sample_text")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    domain_weights: _containers.RepeatedScalarFieldContainer[float]
+    sample_text: str
+    def __init__(self, node_id: _Optional[str] = ..., domain_weights: _Optional[_Iterable[float]] = ..., sample_text: _Optional[str] = ...) -> None: ...
+
 class RegisterRequest(_message.Message):
     __slots__ = ("node_id", "address", "model", "codec", "installed", "user_ids", "n_blocks", "n_experts", "protocol_version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -662,6 +672,30 @@ class InstallBundlesReply(_message.Message):
     installed: _containers.RepeatedScalarFieldContainer[str]
     bytes_fetched: int
     def __init__(self, installed: _Optional[_Iterable[str]] = ..., bytes_fetched: _Optional[int] = ...) -> None: ...
+
+class InstantiateSoupRequest(_message.Message):
+    __slots__ = ("domain_weights", "sample_token_ids")
+    DOMAIN_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    domain_weights: _containers.RepeatedScalarFieldContainer[float]
+    sample_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, domain_weights: _Optional[_Iterable[float]] = ..., sample_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class InstantiateSoupReply(_message.Message):
+    __slots__ = ("node_id", "bank", "domains", "domain_weights", "alpha", "model")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    bank: str
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    domain_weights: _containers.RepeatedScalarFieldContainer[float]
+    alpha: _containers.RepeatedScalarFieldContainer[float]
+    model: str
+    def __init__(self, node_id: _Optional[str] = ..., bank: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., domain_weights: _Optional[_Iterable[float]] = ..., alpha: _Optional[_Iterable[float]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class NodeStatusRequest(_message.Message):
     __slots__ = ()

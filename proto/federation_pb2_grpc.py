@@ -109,6 +109,11 @@ class FederationStub:
                 request_serializer=federation__pb2.ResetStatsRequest.SerializeToString,
                 response_deserializer=federation__pb2.Stats.FromString,
                 _registered_method=True)
+        self.InstantiateSoup = channel.unary_unary(
+                '/fractal.federation.v1.Federation/InstantiateSoup',
+                request_serializer=federation__pb2.SoupRequest.SerializeToString,
+                response_deserializer=federation__pb2.InstantiateSoupReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -220,6 +225,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InstantiateSoup(self, request, context):
+        """Has a node that holds a Soup-of-Experts bank instantiate the specialist for domain weights,
+        given or estimated from sample text (Node.InstantiateSoup); the node then serves it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -292,6 +305,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.ResetStats,
                     request_deserializer=federation__pb2.ResetStatsRequest.FromString,
                     response_serializer=federation__pb2.Stats.SerializeToString,
+            ),
+            'InstantiateSoup': grpc.unary_unary_rpc_method_handler(
+                    servicer.InstantiateSoup,
+                    request_deserializer=federation__pb2.SoupRequest.FromString,
+                    response_serializer=federation__pb2.InstantiateSoupReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -687,6 +705,33 @@ class Federation:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def InstantiateSoup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fractal.federation.v1.Federation/InstantiateSoup',
+            federation__pb2.SoupRequest.SerializeToString,
+            federation__pb2.InstantiateSoupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class NodeControlStub:
     """---------------------------------------------------------------------------------------------
@@ -1008,6 +1053,11 @@ class NodeStub:
                 request_serializer=federation__pb2.NodeStatusRequest.SerializeToString,
                 response_deserializer=federation__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.InstantiateSoup = channel.unary_unary(
+                '/fractal.federation.v1.Node/InstantiateSoup',
+                request_serializer=federation__pb2.InstantiateSoupRequest.SerializeToString,
+                response_deserializer=federation__pb2.InstantiateSoupReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -1070,6 +1120,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InstantiateSoup(self, request, context):
+        """Instantiates a specialist from the Soup-of-Experts bank the node installed (a bundle whose
+        metadata says kind "soup-of-experts"): Theta = S + sum_j alpha_j E_j with alpha = MLP(h), no
+        training; the node serves it from then on. FAILED_PRECONDITION without a bank.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1107,6 +1166,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=federation__pb2.NodeStatusRequest.FromString,
                     response_serializer=federation__pb2.NodeStatus.SerializeToString,
+            ),
+            'InstantiateSoup': grpc.unary_unary_rpc_method_handler(
+                    servicer.InstantiateSoup,
+                    request_deserializer=federation__pb2.InstantiateSoupRequest.FromString,
+                    response_serializer=federation__pb2.InstantiateSoupReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1304,6 +1368,33 @@ class Node:
             '/fractal.federation.v1.Node/Status',
             federation__pb2.NodeStatusRequest.SerializeToString,
             federation__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstantiateSoup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fractal.federation.v1.Node/InstantiateSoup',
+            federation__pb2.InstantiateSoupRequest.SerializeToString,
+            federation__pb2.InstantiateSoupReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -220,11 +220,8 @@ def measure_soe(ctx: BetContext, plan: Plan | None = None) -> dict[str, Any]:
                            "ratio_to_base": ratio_to_base(per, personas, SOE),
                            "ratio_to_oracle": ratio_to_base(per, personas, SOE) / ratios[SOE_ORACLE]}
     codec = "ternary"
-    try:
-        bytes_main = bytes_comparison(main, expert_codec=codec)
-        bytes_low = bytes_comparison(low, expert_codec=codec)
-    except ImportError:  # the codecs arrive with the compression work; fp16 figures stand without them
-        bytes_main, bytes_low = bytes_comparison(main), bytes_comparison(low)
+    bytes_main = bytes_comparison(main, expert_codec=codec)
+    bytes_low = bytes_comparison(low, expert_codec=codec)
     out = {
         "personas": list(personas), "held_out": held_out, "plan": {**plan.__dict__, "bank_steps": run.steps,
                                                                     "finetune_total_steps": run.steps // len(personas)},

@@ -81,6 +81,8 @@ MATRIX = {
                          (C.INVALID_ARGUMENT, PD, PD, PD, UA, UA)),
     "list-bundles": (F("ListBundles", pb.ListBundlesRequest()), (OK, PD, PD, PD, UA, UA)),
     "routing-stats": (F("GetRoutingStats", pb.GetRoutingStatsRequest()), (OK, PD, PD, PD, UA, UA)),
+    "instantiate-soup-ghost": (F("InstantiateSoup", pb.SoupRequest(node_id="ghost", domain_weights=[1.0])),
+                               (C.NOT_FOUND, PD, PD, PD, UA, UA)),
     # NodeControl: the node token only
     "register-node": (N("Register", pb.RegisterRequest(node_id="n9", address="127.0.0.1:9", model="base")),
                       (PD, PD, PD, OK, UA, UA)),
