@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache
-from .config import ConfigError, ModelConfig, TrainConfig, config_key
+from .config import ConfigError, ModelConfig, Preset, TrainConfig, config_key
 from .data import WindowSampler
 from .fractal_moe import build_model
 from .soup_of_experts import SoupConfig, SoupError, SoupOfExperts
@@ -153,6 +153,23 @@ def trained_soup(model_cfg: ModelConfig, cfg: SoupConfig, domains: Sequence[str]
                                                  "domains": list(domains)})
     return soup, {"seconds": round(time.perf_counter() - t0, 2), "cached": False,
                   "final_loss": losses[-1] if losses else None}
+
+
+def preset_soup_config(preset: Preset, seed: int, *, bank_size: int = 4, rank: int = 0, support: int = 2,
+                       mlp_hidden: int = 32, lr: float = 1e-3, bank_lr_scale: float = 3.0, mlp_lr_scale: float = 10.0,
+                       steps: int | None = None) -> SoupConfig:
+    """The bank a preset trains by default: what `sim.run` ships and Bet 100 measures (one cache entry).
+
+    Batches, sequence length, warm-up and weight decay are the preset's specialist's, so a bank step
+    costs what a specialist step costs; ``steps`` defaults to twice a specialist's (the catalogue's
+    2000 bank steps against its 1000-step specialists). S takes ``lr`` (it starts at the trained
+    base); the bank and the MLP start at zero / random and take ``lr`` times their scales.
+    """
+    spec = preset.specialist
+    return SoupConfig(bank_size=bank_size, rank=rank, support=support, mlp_hidden=mlp_hidden,
+                      bank_lr_scale=bank_lr_scale, mlp_lr_scale=mlp_lr_scale,
+                      steps=2 * spec.steps if steps is None else steps, batch_size=spec.batch_size,
+                      seq_len=spec.seq_len, lr=lr, warmup=spec.warmup, weight_decay=spec.weight_decay, seed=seed)
 
 
 def suite_soup(suite, cfg: SoupConfig) -> SoupOfExperts:

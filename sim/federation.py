@@ -32,6 +32,7 @@ from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.bundle import write_bundle
 
+from . import soup
 from .scenario import Scenario
 
 log = logging.getLogger(__name__)
@@ -62,30 +63,38 @@ class NodePlan:
 
     node_id: str
     index: int
-    model: str  # "base" or a specialist persona
+    model: str  # "base", a specialist persona, or "soup" (a Soup-of-Experts bank)
     bundle: str
-    users: list[str] = field(default_factory=list)
+    users: list[str] = field(default_factory=list)  # whose adapters it holds
     link: str = ""
+    target: str = ""  # soup nodes: the persona whose users it specialises for
+    group: list[str] = field(default_factory=list)  # soup nodes: those users (their adapters live elsewhere)
 
 
-def plan_nodes(scn: Scenario, known_users: list[str], links: list[str]) -> list[NodePlan]:
-    """Which node holds what: one node per specialist first, then base nodes holding the users.
+def plan_nodes(scn: Scenario, suite: Suite, links: list[str]) -> list[NodePlan]:
+    """Which node holds what: one node per specialist first, then the soup nodes, then base nodes
+    holding the users.
 
-    Users are dealt round-robin over the base nodes (each user's adapter lives on exactly one node).
+    Users are dealt round-robin over the base nodes (each user's adapter lives on exactly one node);
+    each soup node specialises for the known users of one persona (``sim.soup.targets``).
     """
     n = scn.federation.nodes
     specialists = list(scn.model.resolved_specialists(scn.federation.nodes))
-    if len(specialists) >= n:
-        raise FederationError(f"model.specialists: {len(specialists)} specialist nodes leave no base node "
+    n_soup = scn.soup.resolved_nodes(n)
+    if len(specialists) + n_soup >= n:
+        raise FederationError(f"{len(specialists)} specialist and {n_soup} soup nodes leave no base node "
                               f"among federation.nodes = {n}")
     codec = scn.model.expert_codec
+    groups = soup.targets(suite, n_soup)
     plans = []
     for i in range(n):
-        model = specialists[i] if i < len(specialists) else "base"
+        k = i - len(specialists)
+        model = specialists[i] if k < 0 else soup.SOUP_MODEL if k < n_soup else "base"
+        target, group = groups[k] if model == soup.SOUP_MODEL else ("", [])
         plans.append(NodePlan(node_id=f"node-{i:04d}", index=i, model=model, bundle=f"{model}-{codec}",
-                              link=links[i]))
+                              link=links[i], target=target, group=list(group)))
     base_nodes = [p for p in plans if p.model == "base"]
-    for k, user in enumerate(known_users):
+    for k, user in enumerate(suite.known_users):
         base_nodes[k % len(base_nodes)].users.append(user)
     return plans
 
@@ -181,7 +190,8 @@ class LocalFederation:
         self.node_token = secrets.token_urlsafe(24)
         self.user_tokens: dict[str, str] = {}
         self.bundles: dict[str, BundleInfo] = {}
-        self.plans = plan_nodes(scn, suite.known_users, link_names)
+        self.plans = plan_nodes(scn, suite, link_names)
+        self.soup_instances: dict[str, dict] = {}  # soup node -> what it instantiated
         self.handle: CoordinatorHandle | None = None
         self.channel: grpc.aio.Channel | None = None
         self.stub: rpc.FederationStub | None = None
@@ -214,9 +224,12 @@ class LocalFederation:
         for model in dict.fromkeys(p.model for p in self.plans):
             name = f"{model}-{codec}"
             path = out / f"{name}.ffb"
-            entries = encode_state_dict(self.model_state(model), expert_codec=codec, other_codec=other)
-            meta = {"preset": self.suite.preset.name, "seed": self.suite.seed, "model": model,
-                    "expert_codec": codec, "other_codec": other, "model_config": cfg}
+            if model == soup.SOUP_MODEL:
+                entries, meta = soup.bank_records(self.scn, self.suite)
+            else:
+                entries = encode_state_dict(self.model_state(model), expert_codec=codec, other_codec=other)
+                meta = {"preset": self.suite.preset.name, "seed": self.suite.seed, "model": model,
+                        "expert_codec": codec, "other_codec": other, "model_config": cfg}
             size = write_bundle(path, entries, meta)
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
             self.bundles[name] = BundleInfo(name=name, path=path, model=model, codec=codec, size=size,
@@ -328,6 +341,16 @@ class LocalFederation:
                                            metadata=bearer(self.admin_token))
         await asyncio.gather(*(one(u, p.node_id) for p in self.plans for u in p.users))
 
+    async def specialise_soup_nodes(self) -> None:
+        """Each soup node estimates its users' domain weights from a sample of their own text and
+        instantiates their specialist from the bank (Federation.InstantiateSoup, as an admin would)."""
+        assert self.stub is not None
+        for p in (p for p in self.plans if p.model == soup.SOUP_MODEL):
+            req = pb.SoupRequest(node_id=p.node_id,
+                                 sample_text=soup.sample_text(self.suite, p.group, self.scn.soup.sample_chars))
+            reply = await self.stub.InstantiateSoup(req, metadata=self.admin, timeout=300)
+            self.soup_instances[p.node_id] = soup.instance_record(reply, req.ByteSize())
+
     async def start(self) -> None:
         """Bring the whole federation up, timing each phase (wall seconds)."""
         t = time.perf_counter()
@@ -346,6 +369,10 @@ class LocalFederation:
         t = time.perf_counter()
         await self.assign_users()
         self.phases["assign_users"] = time.perf_counter() - t
+        if any(p.model == soup.SOUP_MODEL for p in self.plans):
+            t = time.perf_counter()
+            await self.specialise_soup_nodes()
+            self.phases["soup_instantiate"] = time.perf_counter() - t
 
     async def stop(self) -> None:
         """Stop nodes, the coordinator, and Ray if this federation started it."""

@@ -143,6 +143,10 @@ def write_plots(report: dict, out: Path) -> list[str]:
         fig.savefig(out / "mixture_vs_best.png", dpi=110)
         plt.close(fig)
         files.append("mixture_vs_best.png")
+    if report.get("soup_of_experts"):
+        from .soup import write_plots as soup_plots
+
+        files += soup_plots(report["soup_of_experts"], out)
     if report.get("prefetch"):
         from .prefetch_sweep import write_plots as prefetch_plots
 
@@ -218,6 +222,10 @@ def to_markdown(r: dict) -> str:
     for k, d in lat["by_kind"].items():
         if d["n"]:
             lines.append(f"| {k} | {d['n']} | {d['p50_s']:.3f} | {d['p99_s']:.3f} |")
+    if r.get("soup_of_experts"):
+        from .soup import markdown as soup_markdown
+
+        lines += [""] + soup_markdown(r["soup_of_experts"])
     if r.get("prefetch"):
         from .prefetch_sweep import markdown as prefetch_markdown
 

@@ -23,7 +23,7 @@ from model.config import ConfigError, get_preset
 from model.corpora import CorpusError
 from model.pipeline import Suite
 
-from . import extras, network
+from . import extras, network, soup
 from .federation import FederationError, LocalFederation
 from .report import simulate_shipping, stats_to_dict, summarise_latencies, write_report
 from .scenario import Scenario, ScenarioError, load, override
@@ -47,6 +47,8 @@ def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool 
         suite.specialist_state(s)
     for u in suite.known_users:
         suite.adapter_state(u)
+    if scn.soup.resolved_nodes(scn.federation.nodes):
+        soup.bank(scn, suite)
     return suite
 
 
@@ -150,6 +152,8 @@ def assemble(scn: Scenario, fed: LocalFederation, stats: dict, workload, links) 
                      "errors": workload.errors[:20], "by_kind": by_kind_lat},
         "coordinator_requests": {k: stats[k] for k in ("requests_ok", "requests_failed", "requests_shed",
                                                       "requests_failed_over")},
+        **({"soup_of_experts": soup.report_section(fed, stats, workload.soup, scn.model.expert_codec)}
+           if fed.soup_instances else {}),
         "_events": events,
     }
 
@@ -168,6 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--codec", help="codec of the expert weights on the wire (default int8)")
     ap.add_argument("--nodes-per-actor", type=int, help="virtual nodes packed into one Ray actor (default 1)")
     ap.add_argument("--corpus", metavar="DIR", help="your own users' text: one sub-folder per user")
+    ap.add_argument("--soup-nodes", type=int, metavar="N",
+                    help="Soup-of-Experts nodes (default: 2 in a federation of 16 nodes or more, else 0)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
 
@@ -177,6 +183,7 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     scn = load(args.scenario) if args.scenario else Scenario().validate()
     scn = override(scn, "federation", nodes=args.nodes, preset=args.preset, seed=args.seed,
                    address=args.address, nodes_per_actor=args.nodes_per_actor)
+    scn = override(scn, "soup", nodes=args.soup_nodes)
     return override(scn, "model", expert_codec=args.codec)
 
 
@@ -202,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
           f"virtual shipping {report['virtual']['shipping_makespan_s']:.1f} s, wall {report['wall_seconds']:.1f} s; "
           f"own adapter beats base for {q['own_beats_base']}/{q['users']} users; "
           f"{report['requests']['failed']} of {report['requests']['total']} requests failed")
+    if "soup_of_experts" in report:
+        s = report["soup_of_experts"]
+        print(f"soup-of-experts: bank {s['bank']['bytes'] / 1e6:.1f} MB = {s['bank_over_specialist']:.2f} specialists "
+              f"({s['specialist_bundle_bytes'] / 1e6:.1f} MB each); soup/base ppl "
+              f"{s['quality']['soup_over_base'] or float('nan'):.3f} over {s['quality']['users']} users")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 

@@ -1,7 +1,7 @@
 """Scenario files (TOML): what a federation run looks like, validated, with command-line overrides.
 
 A scenario has sections ``[federation]``, ``[model]``, ``[network]``, ``[workload]``,
-``[prefetch]`` and ``[faults]``; every key has a default, so an empty file is a valid scenario.
+``[prefetch]``, ``[faults]`` and ``[soup]``; every key has a default, so an empty file is a valid scenario.
 Unknown sections or keys, and values of the wrong type or range, are refused with a
 :class:`ScenarioError` whose message names the key at fault (``workload.generate_tokens: ...``).
 """
@@ -169,6 +169,36 @@ class FaultsSection:
         _check(self.corrupt_chunks >= 0, "faults.corrupt_chunks", "must be >= 0")
 
 
+AUTO_SOUP_MIN_NODES = 16  # "auto" soup nodes only in federations this large
+
+
+@dataclass(frozen=True, kw_only=True)
+class SoupSection:
+    """Soup-of-Experts nodes (seed 004): each holds the bank and instantiates, with no training, the
+    specialist for the domain weights of a group of users, estimated on the node from their text."""
+
+    nodes: int = -1  # -1: auto (2 in a federation of 16 nodes or more, else none); 0: none
+    bank_size: int = 4
+    rank: int = 0  # 0: dense bank entries; r > 0: low-rank U V^T entries of rank r
+    support: int = 2  # personas per training mixture
+    sample_chars: int = 2000  # characters of the target users' own (training) text the node estimates h from
+
+    def validate(self) -> None:
+        """Raise ScenarioError on out-of-range values."""
+        _check(self.nodes >= -1, "soup.nodes", f"must be -1 (auto), 0 (none) or a count, got {self.nodes}")
+        _check(1 <= self.bank_size <= 64, "soup.bank_size", f"must be between 1 and 64, got {self.bank_size}")
+        _check(self.rank >= 0, "soup.rank", f"must be >= 0 (0 = dense), got {self.rank}")
+        _check(1 <= self.support <= 5, "soup.support", f"must be between 1 and 5 (the training personas), "
+               f"got {self.support}")
+        _check(50 <= self.sample_chars <= 100_000, "soup.sample_chars", "must be between 50 and 100000")
+
+    def resolved_nodes(self, nodes: int) -> int:
+        """Soup nodes in a federation of ``nodes`` nodes, with -1 (auto) resolved."""
+        if self.nodes == -1:
+            return 2 if nodes >= AUTO_SOUP_MIN_NODES else 0
+        return self.nodes
+
+
 @dataclass(frozen=True, kw_only=True)
 class Scenario:
     """A whole scenario."""
@@ -181,6 +211,7 @@ class Scenario:
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     prefetch: PrefetchSection = field(default_factory=PrefetchSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
+    soup: SoupSection = field(default_factory=SoupSection)
 
     def validate(self) -> "Scenario":
         """Validate every section; returns self."""
@@ -193,6 +224,10 @@ class Scenario:
         n_spec = len(self.model.resolved_specialists(self.federation.nodes))
         _check(n_spec < self.federation.nodes, "model.specialists",
                f"{n_spec} specialist nodes leave no base node among federation.nodes = {self.federation.nodes}")
+        n_soup = self.soup.resolved_nodes(self.federation.nodes)
+        _check(n_spec + n_soup < self.federation.nodes, "soup.nodes",
+               f"{n_soup} soup and {n_spec} specialist nodes leave no base node among "
+               f"federation.nodes = {self.federation.nodes}")
         return self
 
     def to_dict(self) -> dict:

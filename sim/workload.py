@@ -28,6 +28,7 @@ class WorkloadResult:
     unknown: list[dict] = field(default_factory=list)  # unknown users on the base
     mixtures: list[dict] = field(default_factory=list)  # mixture vs each specialist, per text and mode
     generations: list[dict] = field(default_factory=list)
+    soup: list[dict] = field(default_factory=list)  # soup nodes' users: soup vs base vs specialist vs own adapter
     requests: list[dict] = field(default_factory=list)  # every request: kind, user, wall latency, ok/code
     errors: list[str] = field(default_factory=list)
 
@@ -126,6 +127,26 @@ class Driver:
             "regret_nats": regret, "regret_bound_nats": math.log(n), "mean_attribution": mean_attr,
         })
 
+    async def soup_user(self, node_id: str, persona: str, user: str) -> None:
+        """A soup node's user: the same held-out text on the soup node, the base, the persona's
+        specialist node (when the run has one) and the user's own adapter."""
+        text = self.text(user, 0)
+
+        def pinned(model: str, node: str = "") -> pb.MixtureSpec:
+            return pb.MixtureSpec(components=[pb.MixtureComponent(specialist=model, node_id=node)])
+        calls = [self.score(user, text, mixture=pinned("soup", node_id), kind="soup"),
+                 self.score(user, text, use_base=True, kind="soup"), self.score(user, text, kind="soup")]
+        if persona in self.specialists:
+            calls.append(self.score(user, text, mixture=pinned(persona), kind="soup"))
+        soup, base, own, *spec = await asyncio.gather(*calls)
+        if soup is None or base is None:
+            return
+        row = {"user": user, "persona": persona, "node": soup.components[0].node_id, "tokens": len(soup.logprobs),
+               "soup_ppl": soup.perplexity,
+               "base_ppl": base.perplexity, "own_ppl": own.perplexity if own is not None else None,
+               "specialist_ppl": spec[0].perplexity if spec and spec[0] is not None else None}
+        self.result.soup.append(row)
+
     async def generate(self, user: str, k: int) -> None:
         """Stream tokens for ``user``, measuring wall time to the first token."""
         prompt = self.text(user, k)[:120]
@@ -157,9 +178,12 @@ class Driver:
                     jobs += [self.mixture(p, mode, k) for k in range(w.mixture_requests)]
         for u in self.suite.known_users:
             jobs += [self.generate(u, k) for k in range(w.generate_requests_per_user)]
+        for p in self.fed.plans:
+            jobs += [self.soup_user(p.node_id, p.target, u) for u in p.group]
         await asyncio.gather(*jobs)
         for lst, key in ((self.result.users, "user"), (self.result.unknown, "user"), (self.result.generations, "user"),
                          (self.result.requests, "user")):
             lst.sort(key=lambda r: (r[key], r.get("kind", "")))
         self.result.mixtures.sort(key=lambda r: (r["text"], r["mode"]))
+        self.result.soup.sort(key=lambda r: (r["node"], r["user"]))
         return self.result

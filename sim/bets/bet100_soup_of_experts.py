@@ -23,9 +23,8 @@ import torch
 
 from model import merges, mixtures
 from model.config import ConfigError, get_preset
-from model.soe_train import finetuned_state, trained_soup
+from model.soe_train import finetuned_state, preset_soup_config, trained_soup
 from model.soup_of_experts import (
-    SoupConfig,
     SoupOfExperts,
     bytes_comparison,
     estimate_domain_weights,
@@ -131,11 +130,9 @@ class _Run:
     # ---- training ----
     def soup(self, *, support: int, rank: int = 0) -> SoupOfExperts:
         p = self.plan
-        cfg = SoupConfig(bank_size=p.bank_size, rank=rank, support=support, mlp_hidden=p.mlp_hidden,
-                         bank_lr_scale=p.bank_lr_scale, mlp_lr_scale=p.mlp_lr_scale,
-                         steps=self.steps, batch_size=self.spec_tc.batch_size, seq_len=self.spec_tc.seq_len,
-                         lr=p.lr, warmup=self.spec_tc.warmup, weight_decay=self.spec_tc.weight_decay,
-                         seed=self.ctx.seed)
+        cfg = preset_soup_config(get_preset(self.ctx.preset), self.ctx.seed, bank_size=p.bank_size, rank=rank,
+                                 support=support, mlp_hidden=p.mlp_hidden, lr=p.lr, bank_lr_scale=p.bank_lr_scale,
+                                 mlp_lr_scale=p.mlp_lr_scale, steps=self.steps)
         soup, info = trained_soup(self.cfg, cfg, self.personas, self.streams, shared=self.base, seed=self.ctx.seed)
         self.timings[f"bank {cfg.kind} s={support}"] = info
         return soup

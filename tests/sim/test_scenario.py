@@ -54,3 +54,17 @@ def test_override_replaces_and_revalidates(tmp_path):
     assert S.override(scn, "federation", nodes=8, seed=None).federation.nodes == 8
     with pytest.raises(S.ScenarioError, match="federation.nodes"):
         S.override(scn, "federation", nodes=-1)
+
+
+def test_the_soup_section_resolves_auto_and_refuses_what_leaves_no_base_node():
+    assert S.Scenario().validate().soup.resolved_nodes(32) == 2  # `make run`: two soup nodes
+    assert S.Scenario().soup.resolved_nodes(8) == 0  # auto: none in a small federation
+    scn = S.from_dict({"federation": {"nodes": 6}, "model": {"specialists": ["programmer"]}, "soup": {"nodes": 4}})
+    assert scn.soup.resolved_nodes(6) == 4
+    with pytest.raises(S.ScenarioError, match="soup.nodes: 5 soup and 1 specialist nodes leave no base node"):
+        S.from_dict({"federation": {"nodes": 6}, "model": {"specialists": ["programmer"]}, "soup": {"nodes": 5}})
+    for key, value, msg in (("nodes", -2, "soup.nodes"), ("bank_size", 0, "soup.bank_size"), ("rank", -1, "soup.rank"),
+                            ("support", 6, "soup.support"), ("sample_chars", 10, "soup.sample_chars"),
+                            ("colour", 1, "soup.colour: unknown key")):
+        with pytest.raises(S.ScenarioError, match=msg):
+            S.from_dict({"soup": {key: value}})
