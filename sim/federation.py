@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,8 +236,20 @@ class LocalFederation:
             self.bundles[name] = BundleInfo(name=name, path=path, model=model, codec=codec, size=size,
                                             sha256=sha, tensors=len(entries))
 
+    def clear_coordinator_state(self) -> None:
+        """Remove a previous run's registry and store from the work folder.
+
+        The coordinator's SQLite registry keeps its byte counters and nodes across restarts (as a
+        real coordinator must); a run that reused them would report the last run's traffic too.
+        """
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            (self.workdir / f"coordinator.db{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(self.workdir / "store", ignore_errors=True)
+
     async def start_coordinator(self) -> None:
-        """Serve the coordinator in this process (its own gRPC server on a loopback port)."""
+        """Serve the coordinator in this process (its own gRPC server on a loopback port), from a
+        registry and a store of this run's own."""
+        self.clear_coordinator_state()
         cfg = CoordinatorConfig(
             db_path=self.workdir / "coordinator.db", bundle_dir=self.workdir / "store",
             admin_token=self.admin_token, node_token=self.node_token,

@@ -80,6 +80,8 @@ def soup_run(tiny_suite, tmp_path_factory):
         captured["still"] = await fed.stub.Score(pb.ScoreRequest(text=text, mixture=spec), metadata=fed.admin)
         captured["text"], captured["node"] = text, node
 
+    # twice into the same folder, as `make run` does: the second report must count only its own bytes
+    asyncio.run(run_federation(scn, out, suite=tiny_suite, progress=False))
     report = asyncio.run(run_federation(scn, out, suite=tiny_suite, progress=False, extra=extra))
     return report, captured, out, scn
 
@@ -132,8 +134,10 @@ def test_the_report_prices_the_bank_against_specialists_from_the_shipped_files(s
     bank, spec = (files / "soup-fp32.ffb").stat().st_size, (files / "base-fp32.ffb").stat().st_size
     assert sec["bank"]["bytes"] == bank and sec["specialist_bundle_bytes"] == spec
     assert sec["break_even_k"] == math.floor(bank / spec) + 1 and (sec["break_even_k"] - 1) * spec <= bank < sec["break_even_k"] * spec
-    # the soup node downloaded exactly the bank, and nothing else in bundles
+    # the soup node downloaded exactly the bank, and nothing else in bundles (nor a previous run's bytes)
     assert sec["nodes"][0]["bundle_payload_bytes"] == bank
+    assert report["bytes_detail"]["BUNDLE"]["payload"] == sum(
+        (files / f"{n['model']}-fp32.ffb").stat().st_size for n in report["per_node"])
     soup_row = next(n for n in report["per_node"] if n["model"] == "soup")
     assert soup_row["bundle_payload_bytes"] == bank
     # a dense bank of n entries holds S plus n model-sized deltas: more than n + 1 specialists' weights
