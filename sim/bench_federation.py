@@ -274,7 +274,7 @@ async def mixture(ctx: BenchContext) -> list[BenchResult]:
     """Latency of a uniform mixture over every specialist node vs the same request on one of them."""
     cfg = ctx.config
     fed = await ctx.federation()
-    specialists = fed.scn.model.resolved_specialists(len(fed.plans))
+    specialists = fed.scn.specialists()
     text = fed.suite.text(specialists[0], "eval")[:cfg.score_chars]
     specs = {k: pb.MixtureSpec(components=[pb.MixtureComponent(specialist=s) for s in specialists[:k]],
                                mode=pb.MIXTURE_MODE_UNIFORM) for k in (1, len(specialists))}

@@ -80,8 +80,8 @@ def plan_nodes(scn: Scenario, suite: Suite, links: list[str]) -> list[NodePlan]:
     each soup node specialises for the known users of one persona (``sim.soup.targets``).
     """
     n = scn.federation.nodes
-    specialists = list(scn.model.resolved_specialists(scn.federation.nodes))
-    n_soup = scn.soup.resolved_nodes(n)
+    specialists = list(scn.specialists())
+    n_soup = scn.soup_nodes()
     if len(specialists) + n_soup >= n:
         raise FederationError(f"{len(specialists)} specialist and {n_soup} soup nodes leave no base node "
                               f"among federation.nodes = {n}")

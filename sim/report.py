@@ -90,6 +90,16 @@ def summarise_latencies(values: list[float]) -> dict:
             "mean_s": round(statistics.fmean(v), 4)}
 
 
+def save_figure(fig, out: Path, name: str) -> str:
+    """Lay out ``fig``, write it to ``out/name`` (PNG, 110 dpi), close it; returns ``name``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def write_plots(report: dict, out: Path) -> list[str]:
     """PNG plots beside the report: bytes per node by kind, own adapter vs base, mixture vs specialists."""
     import matplotlib
@@ -111,10 +121,7 @@ def write_plots(report: dict, out: Path) -> list[str]:
         ax.set_ylabel("MB crossing the coordinator boundary")
         ax.set_title(f"Bytes per node by kind ({report['scenario']['model']['expert_codec']} experts)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "bytes_per_node.png", dpi=110)
-        plt.close(fig)
-        files.append("bytes_per_node.png")
+        files.append(save_figure(fig, out, "bytes_per_node.png"))
     users = report["quality"]["users"]
     if users:
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(users)), 4))
@@ -125,10 +132,7 @@ def write_plots(report: dict, out: Path) -> list[str]:
         ax.set_ylabel("held-out perplexity")
         ax.set_title("Each user's own adapter against the base (Bet 61)")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "own_vs_base.png", dpi=110)
-        plt.close(fig)
-        files.append("own_vs_base.png")
+        files.append(save_figure(fig, out, "own_vs_base.png"))
     mixes = [m for m in report["quality"]["mixtures"]]
     if mixes:
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(mixes)), 4))
@@ -139,10 +143,7 @@ def write_plots(report: dict, out: Path) -> list[str]:
         ax.set_ylabel("perplexity")
         ax.set_title("Output-space mixture of specialist nodes against the best one (Bet 04)")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "mixture_vs_best.png", dpi=110)
-        plt.close(fig)
-        files.append("mixture_vs_best.png")
+        files.append(save_figure(fig, out, "mixture_vs_best.png"))
     if report.get("soup_of_experts"):
         from .soup import write_plots as soup_plots
 

@@ -38,16 +38,16 @@ def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool 
     if scn.federation.users_per_persona:
         preset = dataclasses.replace(preset, users_per_persona=scn.federation.users_per_persona)
     suite = Suite(preset, scn.federation.seed, corpus_dir=corpus_dir, progress=progress)
-    bad = [s for s in scn.model.resolved_specialists(scn.federation.nodes) if s not in suite.personas]
+    bad = [s for s in scn.specialists() if s not in suite.personas]
     if bad:
         raise ScenarioError(f"model.specialists: {bad[0]!r} is not a training persona "
                             f"({', '.join(suite.personas)})")
     suite.base_state()
-    for s in scn.model.resolved_specialists(scn.federation.nodes):
+    for s in scn.specialists():
         suite.specialist_state(s)
     for u in suite.known_users:
         suite.adapter_state(u)
-    if scn.soup.resolved_nodes(scn.federation.nodes):
+    if scn.soup_nodes():
         soup.bank(scn, suite)
     return suite
 

@@ -62,10 +62,11 @@ class ModelSection:
         _check("auto" not in self.specialists or self.specialists == ["auto"], "model.specialists",
                '"auto" stands alone')
 
-    def resolved_specialists(self, nodes: int) -> list[str]:
-        """The specialist personas, with "auto" resolved for a federation of ``nodes`` nodes."""
+    def resolved_specialists(self, nodes: int, reserved: int = 0) -> list[str]:
+        """The specialist personas, with "auto" resolved for a federation of ``nodes`` nodes of
+        which ``reserved`` are taken by other roles (soup nodes): auto leaves two base nodes."""
         if self.specialists == ["auto"]:
-            return ["programmer", "novelist", "scientist", "journalist"][:max(0, min(4, nodes - 2))]
+            return ["programmer", "novelist", "scientist", "journalist"][:max(0, min(4, nodes - 2 - reserved))]
         return list(self.specialists)
 
 
@@ -221,14 +222,21 @@ class Scenario:
                 sec.validate()
         _check(self.faults.kill_nodes < self.federation.nodes, "faults.kill_nodes",
                "must leave at least one node alive")
-        n_spec = len(self.model.resolved_specialists(self.federation.nodes))
+        n_spec, n_soup = len(self.specialists()), self.soup_nodes()
         _check(n_spec < self.federation.nodes, "model.specialists",
                f"{n_spec} specialist nodes leave no base node among federation.nodes = {self.federation.nodes}")
-        n_soup = self.soup.resolved_nodes(self.federation.nodes)
         _check(n_spec + n_soup < self.federation.nodes, "soup.nodes",
                f"{n_soup} soup and {n_spec} specialist nodes leave no base node among "
                f"federation.nodes = {self.federation.nodes}")
         return self
+
+    def specialists(self) -> list[str]:
+        """The personas with a specialist node, "auto" resolved around the soup nodes."""
+        return self.model.resolved_specialists(self.federation.nodes, self.soup_nodes())
+
+    def soup_nodes(self) -> int:
+        """The number of Soup-of-Experts nodes, "auto" resolved."""
+        return self.soup.resolved_nodes(self.federation.nodes)
 
     def to_dict(self) -> dict:
         """The scenario as plain data (for the report)."""

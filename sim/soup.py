@@ -21,7 +21,8 @@ from model.soe_train import preset_soup_config, suite_soup
 from model.soup_of_experts import SoupConfig, SoupOfExperts, bytes_comparison, unigram_log_tables, wire_meta, \
     wire_records
 
-from .scenario import Scenario
+from .report import save_figure
+from .scenario import Scenario, ScenarioError
 
 if TYPE_CHECKING:  # the federation imports this module; the type only annotates
     from .federation import LocalFederation
@@ -60,7 +61,7 @@ def targets(suite: Suite, n_nodes: int) -> list[tuple[str, list[str]]]:
         by_persona.setdefault(suite.sources[u].persona, []).append(u)
     groups = [(p, by_persona[p]) for p in suite.personas if p in by_persona]
     if n_nodes and not groups:
-        raise ValueError("soup nodes need known users to specialise for; this suite has none")
+        raise ScenarioError("soup.nodes: soup nodes specialise for known users, and this run has none")
     return [groups[k % len(groups)] for k in range(n_nodes)]
 
 
@@ -172,10 +173,7 @@ def write_plots(sec: dict, out) -> list[str]:
         ax.set_ylabel("held-out perplexity")
         ax.set_title("Soup-of-Experts nodes: the specialist instantiated for the users' estimated h")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "soup_quality.png", dpi=110)
-        plt.close(fig)
-        files.append("soup_quality.png")
+        files.append(save_figure(fig, out, "soup_quality.png"))
     ks = [int(k) for k in sec["bundles_measured"]["specialists"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ks, [v / 1e6 for v in sec["bundles_measured"]["specialists"].values()], "o-", label="k full specialists")
@@ -185,7 +183,4 @@ def write_plots(sec: dict, out) -> list[str]:
     ax.set_ylabel("MB shipped to the node")
     ax.set_title(f"Shipping the bank against shipping specialists (break-even k = {sec['break_even_k']})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "soup_bytes.png", dpi=110)
-    plt.close(fig)
-    return files + ["soup_bytes.png"]
+    return files + [save_figure(fig, out, "soup_bytes.png")]

@@ -46,7 +46,7 @@ class Driver:
         self.suite = fed.suite
         self.result = WorkloadResult()
         self.sem = asyncio.Semaphore(self.scn.workload.concurrency)
-        self.specialists = self.scn.model.resolved_specialists(self.scn.federation.nodes)
+        self.specialists = self.scn.specialists()
 
     def text(self, name: str, k: int = 0) -> str:
         """The k-th slice of ``name``'s held-out text, of the workload's scoring length."""

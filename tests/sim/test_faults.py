@@ -123,7 +123,7 @@ def test_shipped_fault_scenarios_load_and_inject_every_fault(path):
     scn = load(path)
     f = scn.faults
     assert f.kill_nodes >= 1 and 0 < f.cut_stream_at < 1 and f.corrupt_chunks >= 1 and f.restart_coordinator
-    base_nodes = scn.federation.nodes - len(scn.model.resolved_specialists(scn.federation.nodes))
+    base_nodes = scn.federation.nodes - len(scn.specialists())
     assert f.kill_nodes < base_nodes  # failover needs a surviving base node
 
 

@@ -60,7 +60,11 @@ def test_the_soup_section_resolves_auto_and_refuses_what_leaves_no_base_node():
     assert S.Scenario().validate().soup.resolved_nodes(32) == 2  # `make run`: two soup nodes
     assert S.Scenario().soup.resolved_nodes(8) == 0  # auto: none in a small federation
     scn = S.from_dict({"federation": {"nodes": 6}, "model": {"specialists": ["programmer"]}, "soup": {"nodes": 4}})
-    assert scn.soup.resolved_nodes(6) == 4
+    assert scn.soup.resolved_nodes(6) == 4 and scn.soup_nodes() == 4
+    # auto specialists make room for soup nodes, and still leave two base nodes
+    six = S.from_dict({"federation": {"nodes": 6}, "soup": {"nodes": 2}})
+    assert six.specialists() == ["programmer", "novelist"] and six.soup_nodes() == 2
+    assert S.Scenario().validate().specialists() == ["programmer", "novelist", "scientist", "journalist"]
     with pytest.raises(S.ScenarioError, match="soup.nodes: 5 soup and 1 specialist nodes leave no base node"):
         S.from_dict({"federation": {"nodes": 6}, "model": {"specialists": ["programmer"]}, "soup": {"nodes": 5}})
     for key, value, msg in (("nodes", -2, "soup.nodes"), ("bank_size", 0, "soup.bank_size"), ("rank", -1, "soup.rank"),
