@@ -68,7 +68,7 @@ class NodePlan:
     bundle: str
     users: list[str] = field(default_factory=list)  # whose adapters it holds
     link: str = ""
-    target: str = ""  # soup nodes: the persona whose users it specialises for
+    target: str = ""  # soup nodes: the persona (or "a+b" pair) whose users it specialises for
     group: list[str] = field(default_factory=list)  # soup nodes: those users (their adapters live elsewhere)
 
 
@@ -77,7 +77,7 @@ def plan_nodes(scn: Scenario, suite: Suite, links: list[str]) -> list[NodePlan]:
     holding the users.
 
     Users are dealt round-robin over the base nodes (each user's adapter lives on exactly one node);
-    each soup node specialises for the known users of one persona (``sim.soup.targets``).
+    each soup node specialises for a group of known users (``sim.soup.targets``).
     """
     n = scn.federation.nodes
     specialists = list(scn.specialists())

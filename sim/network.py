@@ -148,12 +148,10 @@ def resolve_link(spec: str | Mapping[str, Any] | LinkProfile, *, where: str = "l
     return link_from_dict(spec, where=where)
 
 
-def assign_links(n_nodes: int, *, default: str, ranges: Mapping[str, str] | None = None,
-                 profiles: Mapping[str, Mapping[str, Any]] | None = None) -> list[LinkProfile]:
-    """Each node's link, by index: ``default`` unless a ``ranges`` key ("3" or "0-7", inclusive) names
-    another profile. Names are custom ``profiles`` (tables for ``link_from_dict``) or presets; later
-    ranges win where ranges overlap."""
-    links = [resolve_link(default, where="default", profiles=profiles)] * n_nodes
+def link_names(n_nodes: int, *, default: str, ranges: Mapping[str, str] | None = None) -> list[str]:
+    """Each node's link profile name, by index: ``default`` unless a ``ranges`` key ("3" or "0-7",
+    inclusive) names another; later ranges win where ranges overlap."""
+    names = [default] * n_nodes
     for key, name in (ranges or {}).items():
         lo, dash, hi = key.partition("-")
         if not lo.isdigit() or (dash and not hi.isdigit()):
@@ -161,8 +159,19 @@ def assign_links(n_nodes: int, *, default: str, ranges: Mapping[str, str] | None
         first, last = int(lo), int(hi) if dash else int(lo)
         if not first <= last < n_nodes:
             raise NetworkError(f"links.{key}: nodes {first}..{last} are not all among the {n_nodes} nodes")
-        links[first:last + 1] = [resolve_link(name, where=f"links.{key}", profiles=profiles)] * (last - first + 1)
-    return links
+        names[first:last + 1] = [name] * (last - first + 1)
+    return names
+
+
+def assign_links(n_nodes: int, *, default: str, ranges: Mapping[str, str] | None = None,
+                 profiles: Mapping[str, Mapping[str, Any]] | None = None) -> list[LinkProfile]:
+    """Each node's link, by index (:func:`link_names`), resolved: names are custom ``profiles``
+    (tables for ``link_from_dict``) or presets. Every name given is resolved, used or not."""
+    names = link_names(n_nodes, default=default, ranges=ranges)
+    where = {**{name: f"links.{key}" for key, name in (ranges or {}).items()}, default: "default"}
+    resolved = {name: resolve_link(name, where=where[name], profiles=profiles)
+                for name in dict.fromkeys([default, *(ranges or {}).values()])}
+    return [resolved[name] for name in names]
 
 
 class VirtualClock:

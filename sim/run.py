@@ -54,14 +54,9 @@ def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool 
 
 def link_names(scn: Scenario) -> tuple[list[str], dict[str, network.LinkProfile]]:
     """Each node's link profile name (by index) and the profiles by node id."""
-    n = scn.federation.nodes
-    profiles = network.assign_links(n, default=scn.network.default_link, ranges=scn.network.links,
-                                    profiles=scn.network.profiles)
-    names = [scn.network.default_link] * n
-    for key, name in scn.network.links.items():
-        lo, _, hi = key.partition("-")
-        for i in range(int(lo), int(hi or lo) + 1):
-            names[i] = name
+    n, net = scn.federation.nodes, scn.network
+    profiles = network.assign_links(n, default=net.default_link, ranges=net.links, profiles=net.profiles)
+    names = network.link_names(n, default=net.default_link, ranges=net.links)
     return names, {f"node-{i:04d}": p for i, p in enumerate(profiles)}
 
 

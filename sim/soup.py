@@ -3,11 +3,11 @@ and the report's ``soup_of_experts`` section (bytes of the bank against speciali
 
 A soup node registers with model "soup" and is offered the bank bundle (``model.soup_of_experts``
 wire format: S, the bank entries and the MLP, experts in the run's codec, plus the personas' unigram
-tables). Each soup node serves a group of users, the known users of one persona: after start-up the
+tables). Each soup node serves a group of known users (one persona's, or two personas'): after start-up the
 coordinator forwards a sample of their own text (``Federation.InstantiateSoup``), the node estimates
 their domain weights h from it and instantiates Theta = S + sum_j alpha_j(h) E_j, with no training.
-The workload then scores those users' held-out text on the soup node, the base and, when the run has
-one, their persona's specialist node, all through the coordinator.
+The workload then scores those users' held-out text on the soup node, the base, their own adapter and,
+when the run has one, their persona's specialist node, all through the coordinator.
 """
 
 from __future__ import annotations
@@ -54,15 +54,18 @@ def bank_records(scn: Scenario, suite: Suite) -> tuple[list, dict]:
 
 
 def targets(suite: Suite, n_nodes: int) -> list[tuple[str, list[str]]]:
-    """(persona, its known users) for each of ``n_nodes`` soup nodes: the personas with users, in
-    turn (two nodes may serve the same persona's users when there are more nodes than personas)."""
+    """(label, users) for each of ``n_nodes`` soup nodes: first the known users of one persona per
+    node, then mixed groups, the users of two personas ("programmer+novelist": a school whose
+    users write both, the case no single specialist serves), then round again."""
     by_persona: dict[str, list[str]] = {}
     for u in suite.known_users:
         by_persona.setdefault(suite.sources[u].persona, []).append(u)
     groups = [(p, by_persona[p]) for p in suite.personas if p in by_persona]
     if n_nodes and not groups:
         raise ScenarioError("soup.nodes: soup nodes specialise for known users, and this run has none")
-    return [groups[k % len(groups)] for k in range(n_nodes)]
+    pairs = [(f"{a}+{b}", by_persona[a] + by_persona[b]) for (a, _), (b, _) in zip(groups[0::2], groups[1::2])]
+    order = groups + pairs
+    return [order[k % len(order)] for k in range(n_nodes)]
 
 
 def sample_text(suite: Suite, users: list[str], chars: int) -> str:
@@ -88,7 +91,7 @@ def report_section(fed: "LocalFederation", stats: dict, rows: list[dict], codec:
         inst = fed.soup_instances.get(p.node_id, {})
         mine = [r for r in rows if r["node"] == p.node_id]
         nodes.append({
-            "node": p.node_id, "target_persona": p.target, "users": p.group,
+            "node": p.node_id, "serves": p.target, "users": p.group,
             "bundle_payload_bytes": stats["by_node"].get(p.node_id, {}).get("BUNDLE", {}).get("payload", 0),
             "instantiate_request_bytes": inst.get("request_bytes"),
             "domains": inst.get("domains"), "domain_weights": inst.get("domain_weights"), "alpha": inst.get("alpha"),
@@ -128,13 +131,14 @@ def markdown(sec: dict) -> list[str]:
              f"{sec['specialist_bundle_bytes']:,} for one full specialist: the bank costs "
              f"{sec['bank_over_specialist']:.2f} specialists, so shipping it pays from the "
              f"{sec['break_even_k']}th specialist a node would otherwise need.", "",
-             "| node | users of | estimated h | served as | soup ppl | base ppl | specialist ppl | own adapter ppl |",
+             "| node | serves the users of | user | estimated h (on the node) | soup ppl | base ppl | "
+             "the user's persona's specialist ppl | own adapter ppl |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
     for n in sec["nodes"]:
         h = ", ".join(f"{d}={w:.2f}" for d, w in zip(n["domains"] or [], n["domain_weights"] or []) if w >= 0.005)
         for r in n["users_scored"]:
-            lines.append(f"| {n['node']} | {r['user']} | {h} | {n['model']} | {r['soup_ppl']:.2f} | "
+            lines.append(f"| {n['node']} | {n['serves']} | {r['user']} | {h} | {r['soup_ppl']:.2f} | "
                          f"{r['base_ppl']:.2f} | {fmt(r.get('specialist_ppl'))} | {fmt(r.get('own_ppl'))} |")
     if q["users"]:
         lines += ["", f"Soup over base {fmt(q['soup_over_base'])}x, over the persona's specialist "

@@ -33,10 +33,6 @@ class WorkloadResult:
     errors: list[str] = field(default_factory=list)
 
 
-def _ppl(logps) -> float:
-    return math.exp(-sum(logps) / max(1, len(logps)))
-
-
 class Driver:
     """Sends the scenario's workload through a federation and collects the results."""
 
@@ -109,7 +105,7 @@ class Driver:
         r = await self.score("", self.text(persona, k), mixture=spec, kind="mixture")
         if r is None:
             return
-        comps = {c.component.specialist: _ppl(c.logprobs) for c in r.components}
+        comps = {c.component.specialist: c.perplexity for c in r.components}  # exp(-mean), from the coordinator
         best = min(comps, key=comps.get)
         # the per-token bound of Bet 04 (uniform) and the total-regret bound (posterior), checked on the wire
         n = len(specialists)
@@ -121,16 +117,16 @@ class Driver:
         bound_holds = per_token_ok if mode == "uniform" else regret <= math.log(n) + 1e-3
         mean_attr = {c.component.specialist: sum(c.attribution) / max(1, len(c.attribution)) for c in r.components}
         self.result.mixtures.append({
-            "text": persona, "mode": mode, "tokens": len(mix), "mixture_ppl": _ppl(mix),
+            "text": persona, "mode": mode, "tokens": len(mix), "mixture_ppl": r.perplexity,
             "components_ppl": comps, "best": best, "best_ppl": comps[best],
-            "mixture_over_best": _ppl(mix) / comps[best], "per_token_bound_holds": per_token_ok, "bound_holds": bound_holds,
+            "mixture_over_best": r.perplexity / comps[best], "per_token_bound_holds": per_token_ok, "bound_holds": bound_holds,
             "regret_nats": regret, "regret_bound_nats": math.log(n), "mean_attribution": mean_attr,
         })
 
-    async def soup_user(self, node_id: str, persona: str, user: str) -> None:
-        """A soup node's user: the same held-out text on the soup node, the base, the persona's
-        specialist node (when the run has one) and the user's own adapter."""
-        text = self.text(user, 0)
+    async def soup_user(self, node_id: str, user: str) -> None:
+        """A soup node's user: the same held-out text on the soup node, the base, the specialist
+        node of the user's persona (when the run has one) and the user's own adapter."""
+        text, persona = self.text(user, 0), self.suite.sources[user].persona
 
         def pinned(model: str, node: str = "") -> pb.MixtureSpec:
             return pb.MixtureSpec(components=[pb.MixtureComponent(specialist=model, node_id=node)])
@@ -179,7 +175,7 @@ class Driver:
         for u in self.suite.known_users:
             jobs += [self.generate(u, k) for k in range(w.generate_requests_per_user)]
         for p in self.fed.plans:
-            jobs += [self.soup_user(p.node_id, p.target, u) for u in p.group]
+            jobs += [self.soup_user(p.node_id, u) for u in p.group]
         await asyncio.gather(*jobs)
         for lst, key in ((self.result.users, "user"), (self.result.unknown, "user"), (self.result.generations, "user"),
                          (self.result.requests, "user")):

@@ -148,3 +148,18 @@ def test_the_report_prices_the_bank_against_specialists_from_the_shipped_files(s
     assert report["requests"]["failed"] == 0
     md = (out / "report.md").read_text()
     assert "## Soup-of-Experts nodes" in md and (out / "soup_bytes.png").exists() and (out / "soup_quality.png").exists()
+
+
+def test_soup_nodes_serve_each_persona_with_users_then_mixed_groups(tiny_suite):
+    groups = sim_soup.targets(tiny_suite, 7)
+    by_persona = {}
+    for u in tiny_suite.known_users:
+        by_persona.setdefault(tiny_suite.sources[u].persona, []).append(u)
+    pure = [p for p in tiny_suite.personas if p in by_persona]
+    assert [label for label, _ in groups[:len(pure)]] == pure
+    a, b = pure[0], pure[1]
+    assert groups[len(pure)] == (f"{a}+{b}", by_persona[a] + by_persona[b])
+    assert all(set(users) <= set(tiny_suite.known_users) and users for _, users in groups)
+    # a sample of a mixed group is drawn from both personas' users in equal shares
+    text = sim_soup.sample_text(tiny_suite, groups[len(pure)][1], 800)
+    assert all(tiny_suite.text(u, "train")[:200] in text for u in groups[len(pure)][1])
