@@ -129,8 +129,8 @@ def markdown(sec: dict) -> list[str]:
              f"Bank: {b['bank_size']} {b['kind']} entries over {', '.join(b['domains'])}, {b['training_steps']} "
              f"training steps, experts in `{b['expert_codec']}`. Bundle {sec['bank']['bytes']:,} bytes against "
              f"{sec['specialist_bundle_bytes']:,} for one full specialist: the bank costs "
-             f"{sec['bank_over_specialist']:.2f} specialists, so shipping it pays from the "
-             f"{sec['break_even_k']}th specialist a node would otherwise need.", "",
+             f"{sec['bank_over_specialist']:.2f} specialists, so it is cheaper than shipping a node k "
+             f"specialists from k = {sec['break_even_k']} on.", "",
              "| node | serves the users of | user | estimated h (on the node) | soup ppl | base ppl | "
              "the user's persona's specialist ppl | own adapter ppl |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
