@@ -30,6 +30,9 @@ T = TypeVar("T")
 
 # Node failures after which the request is tried on another node.
 _NODE_DOWN = {grpc.StatusCode.UNAVAILABLE}
+# A node call that ran out its node timeout while the client still has this long left means a hung
+# node: fail over, as for a dead one. Less than this left, the client's own deadline is what ran out.
+_FAILOVER_MIN_LEFT_S = 1.0
 
 
 def _translate(err: Exception) -> RequestError | None:
@@ -86,6 +89,14 @@ def node_error(node: NodeRecord, err: grpc.aio.AioRpcError) -> RequestError:
     if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return RequestError(code, f"node {node.node_id}: {code.name.lower()}")
     return RequestError(grpc.StatusCode.INTERNAL, f"node {node.node_id} failed: {code.name}: {err.details()}")
+
+
+def _hung(err: grpc.aio.AioRpcError, time_left: Callable[[], float | None] | None) -> bool:
+    """True when a node call timed out on the node timeout rather than on the client's deadline."""
+    if time_left is None or err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+        return False
+    left = time_left()
+    return left is None or left > _FAILOVER_MIN_LEFT_S
 
 
 async def first_error(coros: list[Awaitable[T]]) -> list[T]:
@@ -173,10 +184,13 @@ class Core:
             pass
 
     async def with_failover(self, resolve: Callable[[Collection[str]], Awaitable[Route]],
-                            call: Callable[[Route], Awaitable[T]]) -> tuple[T, Route, bool]:
+                            call: Callable[[Route], Awaitable[T]], *,
+                            time_left: Callable[[], float | None] | None = None) -> tuple[T, Route, bool]:
         """Resolve a route and call it; a node that is down is marked so and another one tried.
 
-        A node that answers NOT_FOUND for the adapter it should hold (it restarted) gets the
+        Down means UNAVAILABLE, or (given ``time_left``, the client's remaining seconds, None for no
+        deadline) DEADLINE_EXCEEDED while the client still has time: the node hung past the node
+        timeout. A node that answers NOT_FOUND for the adapter it should hold (it restarted) gets the
         adapter reinstalled once. Returns the result, the route used, and whether it failed over.
         """
         excluded: set[str] = set()
@@ -188,7 +202,7 @@ class Core:
             try:
                 return await call(route), route, failed_over
             except grpc.aio.AioRpcError as err:
-                if err.code() in _NODE_DOWN:
+                if err.code() in _NODE_DOWN or _hung(err, time_left):
                     self.router.mark_down(route.node.node_id)
                     await self.clients.forget(route.node.address)
                     excluded.add(route.node.node_id)

@@ -155,7 +155,8 @@ class FederationService(rpc.FederationServicer):
             return await self.core.clients.unary(route.node, "ScoreTokens", req, kind=pb.BYTE_KIND_SCORE,
                                                  user_id=request.user_id, timeout=self.core.timeout(context))
 
-        result, route, failed_over = await self.core.with_failover(self._user_resolver(user, request.use_base), call)
+        result, route, failed_over = await self.core.with_failover(self._user_resolver(user, request.use_base), call,
+                                                                   time_left=context.time_remaining)
         self._note_failover(failed_over, request.user_id)
         reply.node_id = route.node.node_id
         reply.model = _model_label(route)
@@ -171,7 +172,8 @@ class FederationService(rpc.FederationServicer):
                 req = pb.ScoreTokensRequest(token_ids=ids, user_id=route.adapter_user_id)
                 return await self.core.clients.unary(route.node, "ScoreTokens", req, kind=pb.BYTE_KIND_MIXTURE,
                                                      user_id=request.user_id, timeout=self.core.timeout(context))
-            result, route, failed_over = await self.core.with_failover(self._component_resolver(comp), call)
+            result, route, failed_over = await self.core.with_failover(self._component_resolver(comp), call,
+                                                                       time_left=context.time_remaining)
             return _check_logprobs(result.logprobs, len(ids) - 1, route.node.node_id), route, failed_over
 
         results = await first_error([one(c) for c in comps])
@@ -223,7 +225,7 @@ class FederationService(rpc.FederationServicer):
             return stream, await anext(stream, None)
 
         (stream, token), route, failed_over = await self.core.with_failover(
-            self._user_resolver(user, request.use_base), first)
+            self._user_resolver(user, request.use_base), first, time_left=context.time_remaining)
         self._note_failover(failed_over, request.user_id)
         decoder = IncrementalDecoder(codec)
         index = 0
@@ -265,7 +267,8 @@ class FederationService(rpc.FederationServicer):
                 return await self.core.clients.unary(route.node, "NextTokenDistribution", req,
                                                      kind=pb.BYTE_KIND_GENERATE, user_id=request.user_id,
                                                      timeout=self.core.timeout(context))
-            reply, route, _ = await self.core.with_failover(self._component_resolver(comp), call)
+            reply, route, _ = await self.core.with_failover(self._component_resolver(comp), call,
+                                                            time_left=context.time_remaining)
             try:
                 return distribution_from_reply(reply, codec.vocab_size)
             except ValueError as err:

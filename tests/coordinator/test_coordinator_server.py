@@ -551,3 +551,25 @@ def test_tokenizer_injection_and_its_absence(tmp_path):
         finally:
             await bare.stop()
     run(go())
+
+
+def test_a_hung_node_is_failed_over_after_the_node_timeout_but_a_client_deadline_is_not(tmp_path):
+    async def go():
+        fed = await federation(tmp_path, node_timeout_s=0.5)
+        try:
+            await fed.add_node("hung", seed=1)
+            alice = await fed.add_user("alice", boost=5, node_id="hung")
+            fed.nodes["hung"].service.delay_s = 3.0  # from now on it answers, but long after the node timeout
+            # the client's own deadline runs out first: its error, and the node is not blamed
+            late = fed.stub.Score(pb.ScoreRequest(user_id="alice", text=TEXT), metadata=meta(alice), timeout=0.3)
+            assert await _code(late) == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert fed.coordinator.registry.get_node("hung").state == pb.NODE_STATE_HEALTHY
+            await fed.add_node("ok", seed=2)
+            reply = await fed.stub.Score(pb.ScoreRequest(user_id="alice", text=TEXT), metadata=meta(alice), timeout=10)
+            assert (reply.node_id, reply.failed_over) == ("ok", True)
+            np.testing.assert_allclose(reply.logprobs, expected_logps(adapted_table(2, make_adapter("alice", 5)),
+                                                                      encode(tmp_path, TEXT)), rtol=1e-6)
+            assert fed.coordinator.registry.get_user("alice").node_id == "ok"
+        finally:
+            await fed.close()
+    run(go())
