@@ -91,6 +91,11 @@ def node_error(node: NodeRecord, err: grpc.aio.AioRpcError) -> RequestError:
     return RequestError(grpc.StatusCode.INTERNAL, f"node {node.node_id} failed: {code.name}: {err.details()}")
 
 
+def node_down(err: grpc.aio.AioRpcError) -> bool:
+    """True when a node call failed because the node is gone (not because of the request)."""
+    return err.code() in _NODE_DOWN
+
+
 def _hung(err: grpc.aio.AioRpcError, time_left: Callable[[], float | None] | None) -> bool:
     """True when a node call timed out on the node timeout rather than on the client's deadline."""
     if time_left is None or err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -183,6 +188,11 @@ class Core:
         except grpc.aio.AioRpcError:
             pass
 
+    async def take_out(self, node: NodeRecord) -> None:
+        """Take a node that failed a call out of routing (until its next healthy heartbeat)."""
+        self.router.mark_down(node.node_id)
+        await self.clients.forget(node.address)
+
     async def with_failover(self, resolve: Callable[[Collection[str]], Awaitable[Route]],
                             call: Callable[[Route], Awaitable[T]], *,
                             time_left: Callable[[], float | None] | None = None) -> tuple[T, Route, bool]:
@@ -202,9 +212,8 @@ class Core:
             try:
                 return await call(route), route, failed_over
             except grpc.aio.AioRpcError as err:
-                if err.code() in _NODE_DOWN or _hung(err, time_left):
-                    self.router.mark_down(route.node.node_id)
-                    await self.clients.forget(route.node.address)
+                if node_down(err) or _hung(err, time_left):
+                    await self.take_out(route.node)
                     excluded.add(route.node.node_id)
                     failed_over = True
                     if len(excluded) > self.config.max_failover:

@@ -13,7 +13,7 @@ from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 
 from .auth import Principal, hash_token, new_token, require_user_access
-from .core import Core, first_error, handles_errors, handles_stream_errors, node_error
+from .core import Core, first_error, handles_errors, handles_stream_errors, node_down, node_error
 from .limits import (RequestError, check_bundle_name, check_enum, check_float, check_id, check_int, check_prior,
                      check_text, check_token_count, invalid)
 from .mixture import distribution_from_reply, mix_step, normalise_prior, sample_token, score_mixture, update_log_weights
@@ -212,38 +212,62 @@ class FederationService(rpc.FederationServicer):
 
     async def _generate_single(self, request: pb.GenerateRequest, user: UserRecord | None, ids: list[int],
                                context) -> AsyncIterator[pb.GenerateChunk]:
+        """One node's generation, failed over before the first token like any call, and resumed on
+        another node when its node dies mid-stream: the new node continues from the prompt and the
+        tokens already sent (``GenerateChunk.node_id`` shows the switch). A greedy continuation is
+        the one the first node would have produced; a sampled one draws with seed ``seed + index``."""
         codec = self.core.codec
         node_request = pb.NodeGenerateRequest(token_ids=ids, max_new_tokens=request.max_new_tokens,
                                               temperature=request.temperature, top_k=request.top_k,
                                               seed=request.seed)
+        dead: set[str] = set()  # nodes that died mid-stream: not resumed on
 
         async def first(route: Route):
             node_request.user_id = route.adapter_user_id
             stream = self.core.clients.generate(route.node, node_request, user_id=request.user_id,
                                                 timeout=self.core.timeout(context))
-            # Failover is possible until the first token arrives; after that the stream is committed.
             return stream, await anext(stream, None)
 
-        (stream, token), route, failed_over = await self.core.with_failover(
-            self._user_resolver(user, request.use_base), first, time_left=context.time_remaining)
+        resolver = self._user_resolver(user, request.use_base)
+
+        async def resolve(excluded: Collection[str]) -> Route:
+            return await resolver(set(excluded) | dead)
+
+        (stream, token), route, failed_over = await self.core.with_failover(resolve, first,
+                                                                            time_left=context.time_remaining)
         self._note_failover(failed_over, request.user_id)
         decoder = IncrementalDecoder(codec)
-        index = 0
+        generated: list[int] = []
         try:
             while token is not None:
                 if token.token_id >= codec.vocab_size:
                     raise RequestError(grpc.StatusCode.INTERNAL,
                                        f"node {route.node.node_id} produced token id {token.token_id}")
+                index = len(generated)
                 text = decoder.push(token.token_id)
                 last = token.finish_reason != pb.FINISH_REASON_UNSPECIFIED or index + 1 == request.max_new_tokens
                 if last:
                     text += decoder.flush()
                 yield pb.GenerateChunk(index=index, token_id=token.token_id, text=text, logprob=token.logprob,
                                        node_id=route.node.node_id, finish_reason=token.finish_reason)
-                index += 1
+                generated.append(token.token_id)
                 if last:
                     break
-                token = await anext(stream, None)
+                try:
+                    token = await anext(stream, None)
+                except grpc.aio.AioRpcError as err:
+                    if not node_down(err) or len(dead) >= self.core.config.max_failover:
+                        raise
+                    # the node died mid-stream: resume the rest on another node
+                    await stream.aclose()
+                    await self.core.take_out(route.node)
+                    dead.add(route.node.node_id)
+                    node_request.token_ids[:] = (ids + generated)[-self.core.config.max_tokens:]
+                    node_request.max_new_tokens = request.max_new_tokens - len(generated)
+                    node_request.seed = request.seed + len(generated)
+                    (stream, token), route, _ = await self.core.with_failover(resolve, first,
+                                                                              time_left=context.time_remaining)
+                    self._note_failover(True, request.user_id)
         except grpc.aio.AioRpcError as err:
             raise node_error(route.node, err) from None
         finally:

@@ -573,3 +573,36 @@ def test_a_hung_node_is_failed_over_after_the_node_timeout_but_a_client_deadline
         finally:
             await fed.close()
     run(go())
+
+
+def test_a_generation_whose_node_dies_mid_stream_is_resumed_on_another_node(tmp_path):
+    async def go():
+        fed = await federation(tmp_path)
+        try:
+            await fed.add_node("n1", seed=1, delay_s=0.3)  # 0.3 s between tokens: the stop lands between 2 and 3
+            alice = await fed.add_user("alice", boost=5, node_id="n1")
+            await fed.add_node("n2", seed=2)
+            chunks = []
+            stream = fed.stub.Generate(pb.GenerateRequest(user_id="alice", prompt="the cat", max_new_tokens=6),
+                                       metadata=meta(alice), timeout=30)
+            async for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == 2:
+                    await fed.nodes["n1"].stop()  # dies mid-stream, telling no one
+            # greedy on both fake nodes: the first two tokens are n1's, the rest n2's continuation of them
+            adapter = make_adapter("alice", 5)
+            expected, last = [], encode(tmp_path, "the cat")[-1]
+            for i in range(6):
+                table = adapted_table(1 if i < 2 else 2, adapter)
+                last = int(np.argmax(table[last]))
+                expected.append(last)
+            assert [c.token_id for c in chunks] == expected
+            assert [c.index for c in chunks] == list(range(6))
+            assert [c.node_id for c in chunks] == ["n1", "n1"] + ["n2"] * 4
+            assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            assert fed.coordinator.registry.get_user("alice").node_id == "n2"
+            stats = await fed.stub.GetStats(pb.GetStatsRequest(), metadata=meta(ADMIN))
+            assert stats.requests_failed_over == 1
+        finally:
+            await fed.close()
+    run(go())
