@@ -34,6 +34,9 @@ class CoordinatorConfig:
     bos_token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # PEM CA certificate(s) that nodes' certificates chain to: the coordinator then calls every node
+    # over TLS (and reaches no plaintext node). None: plaintext calls to nodes.
+    node_tls_ca: Path | None = None
     chunk_size: int = 256 * KIB
     max_message_bytes: int = 8 * MIB
     # Cap on concurrent client (Federation) RPCs; excess is shed with RESOURCE_EXHAUSTED.
@@ -56,7 +59,7 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "db_path", Path(self.db_path))
         object.__setattr__(self, "bundle_dir", Path(self.bundle_dir))
-        for name in ("tokenizer_path", "tls_cert", "tls_key"):
+        for name in ("tokenizer_path", "tls_cert", "tls_key", "node_tls_ca"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))

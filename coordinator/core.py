@@ -126,7 +126,8 @@ class Core:
         self.codec = codec
         self.guard = guard
         self.auth = Authenticator(config.admin_token, config.node_token, registry.user_for_token_hash)
-        self.clients = NodeClients(traffic, config.node_token, max_message_bytes=config.max_message_bytes)
+        self.clients = NodeClients(traffic, config.node_token, max_message_bytes=config.max_message_bytes,
+                                   root_certificates=config.node_tls_ca.read_bytes() if config.node_tls_ca else None)
         self.router = Router(registry, self.install)
         self.bos_id = self._special(config.bos_token)
         # Prefetch planning hook: given a node (after its heartbeat is recorded), the byte ranges it

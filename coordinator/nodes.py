@@ -1,9 +1,9 @@
 """Calls from the coordinator to nodes' own ``Node`` services, every byte counted.
 
-One grpc.aio channel per node address, reused. Each call presents the node token and is
-counted by :class:`coordinator.traffic.Traffic` under a kind, the node and the user it serves:
-the request's serialized size as sent, the reply's as received (a failed call still counts what
-was sent).
+One grpc.aio channel per node address, reused (TLS when the coordinator is given the nodes' CA).
+Each call presents the node token and is counted by :class:`coordinator.traffic.Traffic` under a
+kind, the node and the user it serves: the request's serialized size as sent, the reply's as
+received (a failed call still counts what was sent).
 """
 
 from __future__ import annotations
@@ -31,17 +31,21 @@ def _payload(message) -> int:
 class NodeClients:
     """Counted calls to nodes."""
 
-    def __init__(self, traffic: Traffic, node_token: str, *, max_message_bytes: int) -> None:
+    def __init__(self, traffic: Traffic, node_token: str, *, max_message_bytes: int,
+                 root_certificates: bytes | None = None) -> None:
         self.traffic = traffic
         self._metadata = call_metadata(node_token)
         self._options = server_options(max_message_bytes)
+        # TLS to every node when given the CA their certificates chain to
+        self._credentials = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def stub(self, address: str) -> rpc.NodeStub:
         """A stub on the (cached) channel to ``address``."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = (grpc.aio.secure_channel(address, self._credentials, options=self._options)
+                       if self._credentials else grpc.aio.insecure_channel(address, options=self._options))
             self._channels[address] = channel
         return rpc.NodeStub(channel)
 

@@ -156,11 +156,13 @@ class NodeHost:
 
     def __init__(self, *, bind_host: str = "127.0.0.1", limits: NodeLimits | None = None,
                  fetch_policy: FetchPolicy | None = None, torch_threads: int | None = 1,
-                 heartbeats: bool = True, max_concurrent_installs: int = MAX_CONCURRENT_INSTALLS) -> None:
+                 heartbeats: bool = True, max_concurrent_installs: int = MAX_CONCURRENT_INSTALLS,
+                 server_tls: tuple[bytes, bytes] | None = None) -> None:
         if max_concurrent_installs < 1:
             raise SpecError(f"max_concurrent_installs must be >= 1, got {max_concurrent_installs}")
         self._install_slots = asyncio.Semaphore(max_concurrent_installs)
         self.bind_host = bind_host
+        self.server_tls = server_tls  # (key PEM, certificate PEM): the nodes' own servers speak TLS only
         self.limits = limits or NodeLimits()
         self.fetch_policy = fetch_policy or FetchPolicy(allowed_codecs=CODECS)
         self.heartbeats = heartbeats
@@ -248,7 +250,7 @@ class NodeHost:
         result: dict[str, Any] = {"node_id": spec.node_id, "address": "", "ok": False, "ready": False,
                                   "error": None, "model": spec.model, "link": spec.link}
         try:
-            h.server = await start_node_server(node, self._token, host=self.bind_host)
+            h.server = await start_node_server(node, self._token, host=self.bind_host, tls=self.server_tls)
             result["address"] = h.server.address
             reply = await self._register(h)
             t_reg = time.perf_counter()
@@ -286,7 +288,7 @@ class NodeHost:
         node = h.node
         L, E = node.shape()
         installed = [pb.BundleRef(name=b.name, size=b.size, sha256=b.sha256, model=b.model, codec=b.codec)
-                     for b in node.bundles]
+                     for b in node.held_bundles()]
         request = pb.RegisterRequest(node_id=node.node_id, address=h.server.address, model=node.model_name,
                                      codec=h.spec.codec, installed=installed, user_ids=node.adapters.user_ids(),
                                      n_blocks=L, n_experts=E, protocol_version=PROTOCOL_VERSION)

@@ -334,10 +334,15 @@ class VirtualNode:
 
     # ----------------------------------------------------------------------------- bundles
 
+    def held_bundles(self) -> list[DecodedBundle]:
+        """The bundles the node holds as the coordinator knows them, in install order: a bank, not
+        the models it instantiated from it."""
+        bank = [self.bank] if self.bank is not None else []
+        return bank + [b for b in self.bundles if "instantiated_from" not in b.meta]
+
     def installed_names(self) -> list[str]:
-        """Names of the bundles the node holds, in install order (a bank, not what it instantiated)."""
-        bank = [self.bank.name] if self.bank is not None else []
-        return bank + [b.name for b in self.bundles if "instantiated_from" not in b.meta]
+        """Names of :meth:`held_bundles`."""
+        return [b.name for b in self.held_bundles()]
 
     def _held(self, ref: pb.BundleRef) -> bool:
         """True for a bundle installed before: held now, or superseded by a later one (so a

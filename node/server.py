@@ -162,8 +162,10 @@ class NodeServer:
 
 
 async def start_node_server(node: VirtualNode, node_token: str, *, host: str = "127.0.0.1", port: int = 0,
-                            max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> NodeServer:
-    """Serve ``node``'s Node service on ``host:port`` (0: a free port), every message counted."""
+                            max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
+                            tls: tuple[bytes, bytes] | None = None) -> NodeServer:
+    """Serve ``node``'s Node service on ``host:port`` (0: a free port), every message counted; with
+    ``tls`` = (private key PEM, certificate chain PEM), over TLS only."""
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -171,7 +173,10 @@ async def start_node_server(node: VirtualNode, node_token: str, *, host: str = "
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     add_counted_servicer(rpc.add_NodeServicer_to_server, NodeService(node, node_token), server, node.counter)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None:
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([tls]))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
         raise OSError(f"node {node.node_id}: cannot bind {host}:{port}")
     await server.start()

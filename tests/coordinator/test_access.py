@@ -198,11 +198,13 @@ def test_tls_end_to_end_coordinator_node_and_client(tmp_path):
     blob = encode_adapter(adapter)
 
     async def go():
+        # TLS both ways: clients and nodes to the coordinator, and the coordinator to the nodes
         handle = await start_coordinator(tmp_path, tls_cert=cert, tls_key=key, chunk_size=256 * 1024,
-                                         max_message_bytes=4 * 1024 * 1024)
+                                         max_message_bytes=4 * 1024 * 1024, node_tls_ca=tmp_path / "ca.pem")
         handle.store.put_file("base.fp32", tmp_path / "base.ffb", model="base", codec="fp32")
         target = f"127.0.0.1:{handle.port}"
-        host, stranger = NodeHost(torch_threads=1), NodeHost(torch_threads=1, heartbeats=False)
+        host = NodeHost(torch_threads=1, server_tls=(key.read_bytes(), cert.read_bytes()))
+        stranger = NodeHost(torch_threads=1, heartbeats=False)
         try:
             # a node without the CA cannot even register; one with it installs over TLS
             refused = await stranger.start(target, [{"node_id": "no-ca"}], NODE)
@@ -220,6 +222,10 @@ def test_tls_end_to_end_coordinator_node_and_client(tmp_path):
                 async with ch:
                     codes.append(await _code(rpc.FederationStub(ch).ListUsers(
                         pb.ListUsersRequest(), metadata=meta(ADMIN), timeout=3)))
+            # the node's own server refuses plaintext, even with the node token
+            async with grpc.aio.insecure_channel(started[0]["address"]) as ch:
+                codes.append(await _code(rpc.NodeStub(ch).Status(pb.NodeStatusRequest(), metadata=meta(NODE),
+                                                                 timeout=3)))
             return refused, started, reply, codes
         finally:
             await host.stop()
@@ -233,7 +239,8 @@ def test_tls_end_to_end_coordinator_node_and_client(tmp_path):
     assert (reply.node_id, reply.model) == ("tls-node", "adapter:alice")
     want = reference_logprobs(model, adapter, encode(tmp_path, TEXT))
     torch.testing.assert_close(torch.tensor(list(reply.logprobs), dtype=torch.float64), want, atol=1e-4, rtol=0)
-    assert codes == [C.UNAVAILABLE, C.UNAVAILABLE]  # a certificate from another CA, and plaintext, are refused
+    # a certificate from another CA, plaintext to the coordinator and plaintext to the node are refused
+    assert codes == [C.UNAVAILABLE, C.UNAVAILABLE, C.UNAVAILABLE]
 
 
 async def _code(awaitable) -> grpc.StatusCode:
