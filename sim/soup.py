@@ -98,7 +98,9 @@ def report_section(fed: "LocalFederation", stats: dict, rows: list[dict], codec:
             "model": inst.get("model"),
             "users_scored": mine,
         })
-    ratio = lambda key: _geomean([r["soup_ppl"] / r[key] for r in rows if r.get(key)])  # noqa: E731
+
+    def ratio(key: str) -> float | None:
+        return _geomean([r["soup_ppl"] / r[key] for r in rows if r.get(key)])
     return {
         "bank": {"bundle": bank_info.name, "bytes": bank_bytes, "tensors": bank_info.tensors,
                  "bank_size": soup.cfg.bank_size, "kind": soup.cfg.kind, "domains": list(soup.domains),
@@ -134,7 +136,9 @@ def markdown(sec: dict) -> list[str]:
              "| node | serves the users of | user | estimated h (on the node) | soup ppl | base ppl | "
              "the user's persona's specialist ppl | own adapter ppl |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
-    fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.2f}"
     for n in sec["nodes"]:
         h = ", ".join(f"{d}={w:.2f}" for d, w in zip(n["domains"] or [], n["domain_weights"] or []) if w >= 0.005)
         for r in n["users_scored"]:
