@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Collection
 from typing import TypeVar
 
@@ -25,6 +26,8 @@ from .routing import NoNodeAvailable, NodeUnavailable, Route, Router
 from .store import BundleIntegrityError, BundleNameError, BundleNotFound, BundleRangeError, BundleStore, StoreError
 from .tokens import TokenCodec
 from .traffic import Traffic
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -133,6 +136,10 @@ class Core:
         # Prefetch planning hook: given a node (after its heartbeat is recorded), the byte ranges it
         # should fetch next; sent in HeartbeatReply.prefetch. None ships no prefetch plan.
         self.prefetch_planner: Callable[[NodeRecord], list[pb.ByteRange]] | None = None
+        # Nodes that registered with a Soup-of-Experts instantiation on record, not yet re-applied
+        # (see resume_soup); and the tasks re-applying them, kept referenced until done.
+        self.soup_pending: set[str] = set()
+        self._soup_tasks: set[asyncio.Task] = set()
 
     def _special(self, token: str | None) -> int | None:
         if token is None or self.codec is None:
@@ -188,6 +195,33 @@ class Core:
                                      kind=pb.BYTE_KIND_ADAPTER, user_id=user_id, timeout=self.config.node_timeout_s)
         except grpc.aio.AioRpcError:
             pass
+
+    def note_registered(self, node_id: str) -> None:
+        """A node (re)registered: if it accepted an InstantiateSoup before, re-apply it once it is healthy."""
+        if self.registry.get_soup(node_id) is not None:
+            self.soup_pending.add(node_id)
+
+    def resume_soup(self, node: NodeRecord) -> None:
+        """Called on a healthy heartbeat: send a restarted soup node the h it served before (in the
+        background; a node that does not hold its bank yet is tried again on its next heartbeat)."""
+        if node.node_id not in self.soup_pending:
+            return
+        self.soup_pending.discard(node.node_id)
+        task = asyncio.create_task(self._reapply_soup(node), name=f"resume-soup-{node.node_id}")
+        self._soup_tasks.add(task)
+        task.add_done_callback(self._soup_tasks.discard)
+
+    async def _reapply_soup(self, node: NodeRecord) -> None:
+        saved = self.registry.get_soup(node.node_id)
+        if saved is None:
+            return
+        try:
+            await self.clients.unary(node, "InstantiateSoup", pb.InstantiateSoupRequest.FromString(saved),
+                                     kind=pb.BYTE_KIND_CONTROL, timeout=self.config.node_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            log.warning("node %s: re-applying its soup instantiation failed (%s); retrying on its next "
+                        "heartbeat", node.node_id, err.code().name)
+            self.soup_pending.add(node.node_id)
 
     async def take_out(self, node: NodeRecord) -> None:
         """Take a node that failed a call out of routing (until its next healthy heartbeat)."""

@@ -517,8 +517,12 @@ class FederationService(rpc.FederationServicer):
                 raise invalid("sample_text tokenizes to no tokens")
             node_request.sample_token_ids.extend(ids)
         try:
-            return await self.core.clients.unary(node, "InstantiateSoup", node_request, kind=pb.BYTE_KIND_CONTROL,
-                                                 timeout=self.core.timeout(context))
+            reply = await self.core.clients.unary(node, "InstantiateSoup", node_request, kind=pb.BYTE_KIND_CONTROL,
+                                                  timeout=self.core.timeout(context))
+            # kept, so that the node serves the same specialist again after a restart
+            self.core.registry.set_soup(node.node_id, pb.InstantiateSoupRequest(
+                domain_weights=reply.domain_weights).SerializeToString())
+            return reply
         except grpc.aio.AioRpcError as err:
             # the node judges h against its bank (domain count, sum) and whether it holds one: the
             # caller's mistakes, so they keep their code; anything else is the node's failure

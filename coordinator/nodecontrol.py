@@ -69,6 +69,7 @@ class NodeControlService(rpc.NodeControlServicer):
         self.core.registry.upsert_node(node_id=node_id, address=request.address, model=model, codec=request.codec,
                                        state=pb.NODE_STATE_REGISTERED, bundles=installed, held_users=held,
                                        n_blocks=request.n_blocks, n_experts=request.n_experts)
+        self.core.note_registered(node_id)
         reply = pb.RegisterReply(node_id=node_id, heartbeat_interval_ms=self.core.config.heartbeat_interval_ms,
                                  bundles=self.core.bundles_for(model, request.codec, installed),
                                  user_ids=self.core.registry.users_on_node(node_id),
@@ -95,6 +96,8 @@ class NodeControlService(rpc.NodeControlServicer):
             self.core.registry.heartbeat(node_id=node_id, state=state, bundles=bundles, held_users=held,
                                          expert_mask=request.expert_mask, inflight=request.inflight)
             reply = pb.HeartbeatReply(known=True, bundles=self.core.bundles_for(node.model, node.codec, bundles))
+            if state == pb.NODE_STATE_HEALTHY:
+                self.core.resume_soup(node)
             planner = self.core.prefetch_planner
             if planner is not None:
                 reply.prefetch.extend(planner(self.core.registry.get_node(node_id)))

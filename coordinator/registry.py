@@ -66,6 +66,10 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS soup (
+    node_id TEXT PRIMARY KEY,
+    request BLOB NOT NULL
+);
 """
 
 
@@ -293,6 +297,18 @@ class Registry:
                 else self._db.execute(sql + " ORDER BY node_id")).fetchall()
         return [RoutingRecord(n, np.frombuffer(c, dtype="<u8").reshape(nb, ne).copy(), t)
                 for n, nb, ne, c, t in rows]
+
+    # --- soup-of-experts instantiations ----------------------------------------------------
+
+    def set_soup(self, node_id: str, request: bytes) -> None:
+        """Remember the last InstantiateSoupRequest (serialized) a node accepted."""
+        self._write("INSERT INTO soup (node_id, request) VALUES (?,?) "
+                    "ON CONFLICT(node_id) DO UPDATE SET request=excluded.request", (node_id, request))
+
+    def get_soup(self, node_id: str) -> bytes | None:
+        """The serialized InstantiateSoupRequest a node last accepted, if any."""
+        row = self._db.execute("SELECT request FROM soup WHERE node_id=?", (node_id,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     # --- counters ----------------------------------------------------------------------------
 
