@@ -73,6 +73,7 @@ class Suite:
         self._ids: dict[tuple[str, str], torch.Tensor] = {}
         self._texts: dict[tuple[str, str], str] = {}
         self._states: dict[str, dict[str, torch.Tensor]] = {}
+        self.soups: dict = {}  # SoupConfig -> its trained bank, filled by model.soe_train.suite_soup
 
     # ---- text -------------------------------------------------------------------------------
     def text(self, name: str, split: str) -> str:

@@ -173,12 +173,19 @@ def preset_soup_config(preset: Preset, seed: int, *, bank_size: int = 4, rank: i
 
 
 def suite_soup(suite, cfg: SoupConfig) -> SoupOfExperts:
-    """The bank of ``cfg`` for a `model.pipeline.Suite`: S from its base, trained on its training personas."""
+    """The bank of ``cfg`` for a `model.pipeline.Suite`: S from its base, trained on its training personas.
+
+    Kept in ``suite.soups``: asked again, the suite returns the same bank (and keeps the timing of
+    the first call, which trained or loaded it).
+    """
+    if cfg in suite.soups:
+        return suite.soups[cfg]
     soup, info = trained_soup(suite.preset.model, cfg, suite.personas, [suite.ids(p, "train") for p in suite.personas],
                               shared=suite.base_state(), seed=suite.seed, use_cache=suite.use_cache,
                               progress=suite.progress)
     suite.timings[f"soup:{cfg.kind}:n{cfg.bank_size}:s{cfg.support}"] = {"seconds": info["seconds"],
                                                                          "cached": info["cached"]}
+    suite.soups[cfg] = soup
     return soup
 
 

@@ -238,10 +238,18 @@ def test_training_the_bank_at_tiny_lowers_held_out_loss_of_the_instantiated_spec
 
 
 def test_trained_bank_is_cached_and_reloaded(tiny_suite):
+    from model.pipeline import Suite
+
     cfg = SoupConfig(bank_size=2, support=1, steps=3, seq_len=32, lr=1e-3, seed=5)
+    key = f"soup:{cfg.kind}:n{cfg.bank_size}:s{cfg.support}"
     first = suite_soup(tiny_suite, cfg)
-    second = suite_soup(tiny_suite, cfg)
-    assert any(v["cached"] for k, v in tiny_suite.timings.items() if k.startswith("soup:"))
+    timing = dict(tiny_suite.timings[key])
+    # the same suite hands back the same bank, and keeps the timing of the call that made it
+    assert suite_soup(tiny_suite, cfg) is first and tiny_suite.timings[key] == timing
+    # a fresh suite (another process, say) loads it from the cache
+    fresh = Suite("tiny", seed=0, progress=False)
+    second = suite_soup(fresh, cfg)
+    assert fresh.timings[key]["cached"] is True
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="support"):
