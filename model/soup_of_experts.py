@@ -319,7 +319,9 @@ def soup_from_wire(model_cfg: ModelConfig, meta: dict, tensors: dict[str, torch.
     """Rebuild a bank from :func:`wire_meta` and decoded :func:`wire_tensors`; (soup, unigram tables or None).
 
     SoupError names the first thing that does not fit: a missing or unknown tensor, a wrong shape,
-    non-finite values. The rebuilt bank instantiates exactly what the shipped tensors say.
+    non-finite values (``tensors`` is then untouched). The rebuilt bank instantiates exactly what the
+    shipped tensors say. On success the bank's tensors are moved out of ``tensors`` (only the
+    unigram tables stay), so that a node never holds two copies of a bank.
     """
     try:
         domains = [str(d) for d in meta["domains"]]
@@ -341,16 +343,22 @@ def soup_from_wire(model_cfg: ModelConfig, meta: dict, tensors: dict[str, torch.
             raise SoupError(f"soup tensor {k} has shape {list(t.shape)}, expected {list(expected[k])}")
         if not bool(torch.isfinite(t).all()):
             raise SoupError(f"soup tensor {k} holds NaN or infinite values")
+    def take(key: str) -> torch.Tensor:
+        # moved out of the caller's dict: each entry is freed as soon as it is stacked, so the peak
+        # is one bank and one parameter's entries, not two banks
+        tensors.pop(key, None)
+        return got.pop(key)
+
     state: dict[str, torch.Tensor] = {}
     for name in soup.names:
         k = _key(name)
-        state[f"shared.{k}"] = got[f"shared:{name}"]
+        state[f"shared.{k}"] = take(f"shared:{name}")
         if k in soup.bank:
-            state[f"bank.{k}"] = torch.stack([got[f"bank:{j}:{name}"] for j in range(n)])  # (n, *shape)
+            state[f"bank.{k}"] = torch.stack([take(f"bank:{j}:{name}") for j in range(n)])  # (n, *shape)
         else:
-            state[f"bank_u.{k}"] = torch.stack([got[f"bank_u:{j}:{name}"] for j in range(n)])  # (n, out, r)
-            state[f"bank_v.{k}"] = torch.stack([got[f"bank_v:{j}:{name}"] for j in range(n)])  # (n, in, r)
-    state.update({f"mlp.{k[4:]}": v for k, v in got.items() if k.startswith("mlp:")})
+            state[f"bank_u.{k}"] = torch.stack([take(f"bank_u:{j}:{name}") for j in range(n)])  # (n, out, r)
+            state[f"bank_v.{k}"] = torch.stack([take(f"bank_v:{j}:{name}") for j in range(n)])  # (n, in, r)
+    state.update({f"mlp.{k[4:]}": take(k) for k in [k for k in got if k.startswith("mlp:")]})
     soup.load_state_dict(state, assign=True, strict=True)
     soup.requires_grad_(False)
     soup.eval()
