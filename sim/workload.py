@@ -16,6 +16,7 @@ import grpc
 from proto import federation_pb2 as pb
 
 from .federation import LocalFederation
+from .soup import SOUP_MODEL
 
 MODES = {"uniform": pb.MIXTURE_MODE_UNIFORM, "posterior": pb.MIXTURE_MODE_POSTERIOR}
 
@@ -130,7 +131,7 @@ class Driver:
 
         def pinned(model: str, node: str = "") -> pb.MixtureSpec:
             return pb.MixtureSpec(components=[pb.MixtureComponent(specialist=model, node_id=node)])
-        calls = [self.score(user, text, mixture=pinned("soup", node_id), kind="soup"),
+        calls = [self.score(user, text, mixture=pinned(SOUP_MODEL, node_id), kind="soup"),
                  self.score(user, text, use_base=True, kind="soup"), self.score(user, text, kind="soup")]
         if persona in self.specialists:
             calls.append(self.score(user, text, mixture=pinned(persona), kind="soup"))
@@ -138,8 +139,8 @@ class Driver:
         if soup is None or base is None:
             return
         row = {"user": user, "persona": persona, "node": soup.components[0].node_id, "tokens": len(soup.logprobs),
-               "soup_ppl": soup.perplexity,
-               "base_ppl": base.perplexity, "own_ppl": own.perplexity if own is not None else None,
+               "soup_ppl": soup.perplexity, "base_ppl": base.perplexity,
+               "own_ppl": own.perplexity if own is not None else None,
                "specialist_ppl": spec[0].perplexity if spec and spec[0] is not None else None}
         self.result.soup.append(row)
 
