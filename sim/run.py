@@ -1,7 +1,8 @@
 """`python -m sim.run`: start a federation, drive a workload through its gRPC API, write a report.
 
     python -m sim.run --nodes 32                       # the embedded defaults (preset small)
-    python -m sim.run --scenario scenarios/slow_links.toml --out runs/slow
+    python -m sim.run --scenario scenarios/soup_of_experts.toml --out runs/soup   # Soup-of-Experts nodes
+    python -m sim.run --scenario scenarios/fault_tolerance.toml --out runs/faults
     python -m sim.run --nodes 4 --preset tiny --address 127.0.0.1:6379   # an existing Ray cluster
 
 Writes DIR/report.json, DIR/report.md, DIR/events.jsonl and PNG plots (DIR defaults to runs/latest).
