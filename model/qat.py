@@ -9,7 +9,6 @@ weights; encoding them with the codec yields precisely the weights the fine-tune
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from .codecs import CODECS, LOSSLESS_CODECS, CodecError, fake_quantise
 from .fractal_moe import expert_of
+from .train import cosine_lr, optimizer_step
 
 
 class StraightThroughQuantiser(nn.Module):
@@ -36,15 +36,6 @@ def expert_linears(model: nn.Module) -> list[nn.Linear]:
     """The Linear layers whose weights are expert matrices (blocks.B.moe.experts.E.fc1/fc2)."""
     return [m for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and expert_of(f"{name}.weight") is not None]
-
-
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    # short linear warm-up, then cosine decay to a tenth: a fine-tune, not a fresh run
-    warmup = max(1, min(20, steps // 10))
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def ternary_qat(model: nn.Module, sample_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *,
@@ -82,17 +73,14 @@ def ternary_qat(model: nn.Module, sample_batch: Callable[[], tuple[torch.Tensor,
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             bar = tqdm(range(steps), desc=f"QAT {codec}", disable=not progress, leave=False)
+            # a short warm-up (a fine-tune, not a fresh run), then the same cosine decay as training
+            warmup = max(1, min(20, steps // 10))
             for step in bar:
                 for group in opt.param_groups:
-                    group["lr"] = _lr_at(step, steps, lr)
+                    group["lr"] = cosine_lr(step, steps=steps, warmup=warmup, lr=lr)
                 x, y = sample_batch()
-                out = model(x, y)
-                loss = out.loss + aux_coef * out.aux_loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                opt.step()
-                bar.set_postfix(loss=f"{out.loss.item():.3f}", refresh=False)
+                loss = optimizer_step(opt, model(x, y), aux_loss_coef=aux_coef, params=trainable, grad_clip=1.0)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     finally:
         for lin in linears:
             parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)

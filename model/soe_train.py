@@ -23,7 +23,7 @@ from .config import ConfigError, ModelConfig, Preset, TrainConfig, config_key
 from .data import WindowSampler
 from .fractal_moe import build_model
 from .soup_of_experts import SoupConfig, SoupError, SoupOfExperts
-from .train import lr_at, train
+from .train import lr_at, optimizer_step, train
 
 
 def sample_domain_weights(n_domains: int, support: int, concentration: float, gen: torch.Generator) -> torch.Tensor:
@@ -98,14 +98,8 @@ def train_soup(soup: SoupOfExperts, streams: Sequence[torch.Tensor], *, progress
             g["lr"] = lr_at(step, tc) * g["scale"]
         h = sample_domain_weights(len(soup.domains), cfg.support, cfg.concentration, gen)  # (D,)
         x, y = sampler(h)
-        out = soup(h, x, y)
-        loss = out.loss + soup.model_cfg.aux_loss_coef * out.aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        losses.append(float(out.loss.detach()))
+        losses.append(optimizer_step(opt, soup(h, x, y), aux_loss_coef=soup.model_cfg.aux_loss_coef, params=params,
+                                     grad_clip=cfg.grad_clip))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     soup.eval()

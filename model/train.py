@@ -12,18 +12,37 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .fractal_moe import FractalMoE, is_norm_param
+from .fractal_moe import FractalMoE, Output, is_norm_param
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def cosine_lr(step: int, *, steps: int, warmup: int, lr: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of the peak ``lr`` at ``steps``."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if tc.warmup and step < tc.warmup:
-        return tc.lr * (step + 1) / tc.warmup
-    span = max(1, tc.steps - tc.warmup)
-    progress = min(1.0, (step - tc.warmup) / span)
-    return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    """:func:`cosine_lr` with ``tc``'s steps, warm-up and peak learning rate."""
+    return cosine_lr(step, steps=tc.steps, warmup=tc.warmup, lr=tc.lr)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, out: Output, *, aux_loss_coef: float,
+                   params: Iterable[torch.Tensor], grad_clip: float) -> float:
+    """One step on next-token cross-entropy plus ``aux_loss_coef`` x the load-balancing loss, the
+    gradient norm of ``params`` clipped to ``grad_clip`` (0: not clipped); returns the
+    cross-entropy (nats)."""
+    loss = out.loss + aux_loss_coef * out.aux_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return float(out.loss.detach())
 
 
 def train(
@@ -62,14 +81,8 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
         x, y = sample_batch()
-        out = model(x, y)
-        loss = out.loss + model.cfg.aux_loss_coef * out.aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-        opt.step()
-        losses.append(out.loss.item())
+        losses.append(optimizer_step(opt, model(x, y), aux_loss_coef=model.cfg.aux_loss_coef, params=trainable,
+                                     grad_clip=tc.grad_clip))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     for p in model.parameters():
