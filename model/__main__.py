@@ -7,7 +7,6 @@ the library itself imports nothing else of ours.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -92,7 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a bundle of the trained base model with the chosen expert codec."""
     from proto.bundle import write_bundle
 
-    from .codecs import CODECS, encode_state_dict
+    from .codecs import CODECS, bundle_meta, encode_state_dict
     from .pipeline import Suite
 
     for c in (args.codec, args.other_codec):
@@ -100,8 +99,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown codec {c!r}; choose one of {', '.join(CODECS)}")
     suite = Suite(args.preset, args.seed, use_cache=not args.no_cache)
     entries = encode_state_dict(suite.base_state(), expert_codec=args.codec, other_codec=args.other_codec)
-    meta = {"preset": suite.preset.name, "seed": args.seed, "model": "base", "expert_codec": args.codec,
-            "other_codec": args.other_codec, "model_config": dataclasses.asdict(suite.preset.model)}
+    meta = bundle_meta(suite.preset.model, model="base", expert_codec=args.codec, other_codec=args.other_codec,
+                       preset=suite.preset.name, seed=args.seed)
     n = write_bundle(args.out, entries, meta)
     print(f"wrote {args.out}: {n:,} bytes, {len(entries)} tensors, experts in {args.codec}")
     return 0

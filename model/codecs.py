@@ -30,12 +30,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .entropy_coding import EntropyCodingError, decode_symbols, encode_symbols
+from .config import ModelConfig
 from .fractal_moe import expert_of
 
 CODECS: tuple[str, ...] = (
@@ -386,6 +388,19 @@ def encode_state_dict(sd: Mapping[str, torch.Tensor], *, expert_codec: str,
     _spec(other_codec)
     return [encode_tensor(k, v, codec_for(k, expert_codec=expert_codec, other_codec=other_codec))
             for k, v in sd.items()]
+
+
+def bundle_meta(cfg: ModelConfig, *, model: str, expert_codec: str, other_codec: str, preset: str | None = None,
+                seed: int | None = None) -> dict:
+    """The metadata of a model bundle: the model's name, the codecs, its shape (``model_config``, what
+    ``node.assembly.config_from_meta`` reads back) and, when known, the preset and seed it came from."""
+    meta = {"model": model, "expert_codec": expert_codec, "other_codec": other_codec,
+            "model_config": dataclasses.asdict(cfg)}
+    if preset is not None:
+        meta["preset"] = preset
+    if seed is not None:
+        meta["seed"] = seed
+    return meta
 
 
 def decode_state_dict(entries: Iterable[EncodedTensor]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ and shipping cost does not depend on the values), encoded with the codecs the fe
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import secrets
 import time
@@ -17,7 +16,7 @@ import torch
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import serve
-from model.codecs import CODECS, encode_state_dict
+from model.codecs import CODECS, bundle_meta, encode_state_dict
 from model.config import get_preset
 from model.fractal_moe import build_model
 from node.assembly import decode_bundle, decode_records
@@ -38,8 +37,7 @@ def random_bundle(shape: str, expert_codec: str, *, seed: int, other_codec: str 
     """A bundle of a randomly initialised model of preset ``shape``'s model config."""
     cfg = get_preset(shape).model
     sd = build_model(cfg, seed).state_dict()
-    meta = {"model": "base", "expert_codec": expert_codec, "other_codec": other_codec,
-            "model_config": dataclasses.asdict(cfg)}
+    meta = bundle_meta(cfg, model="base", expert_codec=expert_codec, other_codec=other_codec)
     return encode_bundle(encode_state_dict(sd, expert_codec=expert_codec, other_codec=other_codec), meta)
 
 

@@ -8,7 +8,6 @@ between the coordinator and the nodes is real gRPC on loopback sockets; nodes ar
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import math
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import CoordinatorHandle, serve
-from model.codecs import encode_state_dict
+from model.codecs import bundle_meta, encode_state_dict
 from model.pipeline import Suite
 from node.actor import NodeActor
 from node.adapters import encode_adapter
@@ -221,7 +220,6 @@ class LocalFederation:
         out = self.workdir / "bundles"
         out.mkdir(parents=True, exist_ok=True)
         codec, other = self.scn.model.expert_codec, self.scn.model.other_codec
-        cfg = dataclasses.asdict(self.suite.preset.model)
         for model in dict.fromkeys(p.model for p in self.plans):
             name = f"{model}-{codec}"
             path = out / f"{name}.ffb"
@@ -229,8 +227,8 @@ class LocalFederation:
                 entries, meta = soup.bank_records(self.scn, self.suite)
             else:
                 entries = encode_state_dict(self.model_state(model), expert_codec=codec, other_codec=other)
-                meta = {"preset": self.suite.preset.name, "seed": self.suite.seed, "model": model,
-                        "expert_codec": codec, "other_codec": other, "model_config": cfg}
+                meta = bundle_meta(self.suite.preset.model, model=model, expert_codec=codec, other_codec=other,
+                                   preset=self.suite.preset.name, seed=self.suite.seed)
             size = write_bundle(path, entries, meta)
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
             self.bundles[name] = BundleInfo(name=name, path=path, model=model, codec=codec, size=size,

@@ -16,6 +16,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
+from model.codecs import bundle_meta
 from model.pipeline import Suite
 from model.soe_train import preset_soup_config, suite_soup
 from model.soup_of_experts import SoupConfig, SoupOfExperts, bytes_comparison, unigram_log_tables, wire_meta, \
@@ -47,9 +48,9 @@ def bank_records(scn: Scenario, suite: Suite) -> tuple[list, dict]:
     soup = bank(scn, suite)
     tables = unigram_log_tables([suite.ids(p, "train") for p in soup.domains], suite.preset.model.vocab_size)
     records = wire_records(soup, tables, expert_codec=scn.model.expert_codec, other_codec=scn.model.other_codec)
-    meta = {**wire_meta(soup), "preset": suite.preset.name, "seed": suite.seed, "model": SOUP_MODEL,
-            "expert_codec": scn.model.expert_codec, "other_codec": scn.model.other_codec,
-            "model_config": dataclasses.asdict(suite.preset.model), "training": dataclasses.asdict(soup.cfg)}
+    meta = {**wire_meta(soup), "training": dataclasses.asdict(soup.cfg),
+            **bundle_meta(suite.preset.model, model=SOUP_MODEL, expert_codec=scn.model.expert_codec,
+                          other_codec=scn.model.other_codec, preset=suite.preset.name, seed=suite.seed)}
     return records, meta
 
 
