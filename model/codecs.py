@@ -476,11 +476,3 @@ def codec_throughput(sd: Mapping[str, torch.Tensor], codecs: Iterable[str] = COD
         }
     return result
 
-
-def ternary_qat(model: torch.nn.Module, sample_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *,
-                steps: int, lr: float, seed: int, progress: bool = True, codec: str = "ternary",
-                train_all: bool = False) -> torch.nn.Module:
-    """Quantisation-aware fine-tune of the expert matrices for ``codec``; see model.qat.ternary_qat."""
-    from .qat import ternary_qat as _qat  # model.qat builds on this module's quantisation rules
-    return _qat(model, sample_batch, steps=steps, lr=lr, seed=seed, progress=progress, codec=codec,
-                train_all=train_all)

@@ -8,11 +8,12 @@ beside fp32, so Bet 13's claim is measured rather than assumed.
 from __future__ import annotations
 
 from . import cache
-from .codecs import CODECS, decode_state_dict, encode_state_dict, ternary_qat
+from .codecs import CODECS, decode_state_dict, encode_state_dict
 from .config import config_key
 from .data import WindowSampler
 from .evaluate import perplexity, token_logps
 from .pipeline import Suite
+from .qat import ternary_qat
 
 QAT_STEPS = 150
 QAT_LR = 2e-3

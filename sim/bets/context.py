@@ -188,12 +188,13 @@ class SuiteContext:
     def compress(self, model: FractalMoE, codec: str, *, qat_steps: int = 0) -> tuple[FractalMoE, dict]:
         """Experts through ``codec`` (QAT first when asked); the rest in fp32 so only experts differ."""
         from model import codecs
+        from model.qat import ternary_qat
 
         out = self.model(model.state_dict())
         if qat_steps:
             tc = self._train_config(qat_steps, self.suite.preset.specialist.lr)
-            codecs.ternary_qat(out, self._sampler(self.personas(), tc), steps=qat_steps, lr=tc.lr,
-                               seed=tc.seed, progress=self.suite.progress, codec=codec)
+            ternary_qat(out, self._sampler(self.personas(), tc), steps=qat_steps, lr=tc.lr,
+                        seed=tc.seed, progress=self.suite.progress, codec=codec)
         sd = out.state_dict()
         entries = codecs.encode_state_dict(sd, expert_codec=codec, other_codec="fp32")
         out.load_state_dict(codecs.decode_state_dict(entries))
