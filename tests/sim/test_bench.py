@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.bench import main, run_benchmarks
-from sim.bench_core import BenchConfig, BenchError, BenchResult
+from sim.bench.core import BenchConfig, BenchError, BenchResult
+from sim.bench.runner import main, run_benchmarks
 from sim.federation import ONE_ACTOR_PER_NODE_MAX, NodePlan, actor_groups, packing, process_memory
 
 KEYS = {"name", "value", "baseline", "ratio", "unit"}

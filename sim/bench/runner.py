@@ -35,7 +35,7 @@ import torch
 
 from model.config import ConfigError
 
-from .bench_core import BenchConfig, BenchError, BenchResult
+from .core import BenchConfig, BenchError, BenchResult
 
 
 @dataclass(frozen=True)
@@ -49,20 +49,20 @@ class Benchmark:
 
 def registry() -> dict[str, Benchmark]:
     """Every benchmark by name, in the order they run."""
-    from . import bench_federation, bench_wire
+    from . import federation, wire
 
     items = [
-        Benchmark("decode", "bundle verify+decode vs a plain copy of the decoded tensors", bench_wire.decode),
-        Benchmark("ship", "FetchBundle through the coordinator vs a bare grpc.aio stream", bench_wire.ship),
+        Benchmark("decode", "bundle verify+decode vs a plain copy of the decoded tensors", wire.decode),
+        Benchmark("ship", "FetchBundle through the coordinator vs a bare grpc.aio stream", wire.ship),
         Benchmark("fetch_verified", "the node's verifying fetch vs a bare grpc.aio stream",
-                  bench_wire.fetch_verified),
+                  wire.fetch_verified),
         Benchmark("startup", "nodes up and loaded: packed actors vs one actor per node",
-                  bench_federation.startup),
+                  federation.startup),
         Benchmark("memory", "memory per simulated node vs one bare Ray actor importing torch",
-                  bench_federation.memory),
+                  federation.memory),
         Benchmark("score", "Federation.Score throughput vs the same model in-process",
-                  bench_federation.score),
-        Benchmark("mixture", "latency of a K-node mixture vs one node", bench_federation.mixture),
+                  federation.score),
+        Benchmark("mixture", "latency of a K-node mixture vs one node", federation.mixture),
     ]
     return {b.name: b for b in items}
 
@@ -74,7 +74,7 @@ async def run_benchmarks(names: list[str] | None = None, config: BenchConfig | N
     ``suite`` (a ``model.pipeline.Suite`` of ``config.preset``) is trained or loaded on first need
     when not given. Ray is started if needed and shut down again only if started here.
     """
-    from .bench_federation import BenchContext
+    from .federation import BenchContext
 
     config = config or BenchConfig()
     reg = registry()
@@ -216,6 +216,3 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(results))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,9 +26,9 @@ from node.adapters import decode_adapter, encode_adapter
 from node.assembly import decode_bundle
 from proto import federation_pb2 as pb
 
-from .bench_core import BenchConfig, BenchResult, abest_of
-from .federation import LocalFederation, init_ray, process_memory
-from .scenario import Scenario, override
+from ..federation import LocalFederation, init_ray, process_memory
+from ..scenario import Scenario, override
+from .core import BenchConfig, BenchResult, abest_of
 
 MIB = 2 ** 20
 
@@ -60,7 +60,7 @@ class BenchContext:
     def suite(self):
         """The trained (or cached) models of the benchmark preset."""
         if self._suite is None:
-            from .run import build_suite
+            from ..run import build_suite
 
             self._suite = build_suite(self.scenario(1), progress=False)
         elif self._suite.preset.name != self.config.preset:
@@ -74,7 +74,7 @@ class BenchContext:
 
     async def start_federation(self, nodes_per_actor: int) -> LocalFederation:
         """Start a federation of the benchmark's size with this packing."""
-        from .run import link_names
+        from ..run import link_names
 
         scn = self.scenario(nodes_per_actor)
         suite = await asyncio.get_running_loop().run_in_executor(None, self.suite)

@@ -25,7 +25,7 @@ from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.bundle import encode_bundle, read_bundle_verified
 
-from .bench_core import BenchError, BenchResult, abest_of, best_of
+from .core import BenchError, BenchResult, abest_of, best_of
 
 MB = 1e6
 BARE_METHOD = "/fractal.bench.Bare/Stream"
