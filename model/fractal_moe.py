@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -75,11 +77,13 @@ class MoE(nn.Module):
     """16 experts behind a top-1 linear router over the residual stream.
 
     Two hooks let the federation serve with part of the model:
-    ``available`` (bool, (E,)) restricts the choice to installed experts, so a missing expert is
-    replaced by the installed one the router scores highest; ``forced_route`` ((N,) long) overrides
-    the router's choice (the gate stays the router's probability of the forced expert).
-    After each forward, ``last_route`` ((B, T) long) and ``last_logits`` ((B, T, E)) hold what the
-    router did, detached, for routing statistics and prefetch predictors.
+    ``available`` (bool, (E,), or (N, E) per token) restricts the choice to installed experts, so a
+    missing expert is replaced by the installed one the router scores highest; ``forced_route``
+    ((N,) long) overrides the router's choice (the gate stays the router's probability of the forced
+    expert). After each forward, ``last_route`` ((B, T) long) and ``last_logits`` ((B, T, E)) hold
+    what the router did, detached, for routing statistics and prefetch predictors, and with
+    ``record_input`` ``last_input`` ((B, T, C)) the MoE's input. The hooks are set only through
+    :meth:`FractalMoE.serving`, which restores them.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -193,10 +197,37 @@ class FractalMoE(nn.Module):
         """The experts chosen in the last forward pass: (L, B, T) long."""
         return torch.stack([m.last_route for m in self.moes])
 
-    def set_available(self, mask: torch.Tensor | None) -> None:
-        """Restrict every block to the installed experts: mask (L, E) bool, or None for all."""
-        for b, m in enumerate(self.moes):
-            m.available = None if mask is None else mask[b]
+    @contextmanager
+    def serving(self, *, available: torch.Tensor | None = None, forced_route: torch.Tensor | None = None,
+                record_input: bool = False) -> Iterator["FractalMoE"]:
+        """Serve with part of the model inside the ``with`` block; every MoE hook and the training flag
+        are restored when it ends, by an exception too.
+
+        ``available``: the installed experts, (L, E) bool, or per token (L, N, E) for the N = B*T
+        positions of the forward passes inside (one pass can then serve rows with different
+        installed sets); None for all. ``forced_route`` (L, N) long: the expert each block must use
+        at each position. ``record_input``: keep each MoE's input in ``last_input``. The model is in
+        eval mode inside; grad mode is the caller's.
+        """
+        L = self.cfg.n_layers
+        for name, t in (("available", available), ("forced_route", forced_route)):
+            if t is not None and (t.dim() < 2 or t.size(0) != L):
+                raise ValueError(f"{name} must have one row per block (L={L}), got shape {tuple(t.shape)}")
+        if available is not None and available.dtype != torch.bool:
+            raise ValueError(f"available must be bool, got {available.dtype}")
+        saved = [(m.available, m.forced_route, m.record_input) for m in self.moes]
+        was_training = self.training
+        try:
+            self.eval()
+            for b, m in enumerate(self.moes):
+                m.available = None if available is None else available[b]
+                m.forced_route = None if forced_route is None else forced_route[b]
+                m.record_input = record_input
+            yield self
+        finally:
+            for m, (avail, forced, record) in zip(self.moes, saved):
+                m.available, m.forced_route, m.record_input = avail, forced, record
+            self.train(was_training)
 
     def num_params(self) -> int:
         """Total parameter count."""

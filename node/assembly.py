@@ -4,7 +4,7 @@ A node's model is the union of the tensors of the bundles it installed, later bu
 earlier ones name by name (a new full bundle of the same model replaces the old one). Every
 non-expert tensor must be present; experts may be partial (issue 5, partial materialisation): the
 ``present`` mask (L, E) says which experts are installed, and the model serves with
-``model.set_available(mask)``, so a token routed to a missing expert goes to the installed expert
+``model.serving(available=mask)``, so a token routed to a missing expert goes to the installed expert
 the router scores highest (the "substitute" policy). A missing expert's weights are a shared
 zero tensor that the router can never pick.
 
@@ -155,12 +155,9 @@ class ServedModel:
         an adapter substituted by ``functional_call`` and the routes read afterwards all belong to
         this call.
         """
-        with self.lock, torch.inference_mode():
-            self.module.set_available(None if mask is None or bool(mask.all()) else mask)
-            try:
-                return fn(self.module)
-            finally:
-                self.module.set_available(None)
+        full = mask is None or bool(mask.all())
+        with self.lock, torch.inference_mode(), self.module.serving(available=None if full else mask) as module:
+            return fn(module)
 
 
 class WeightStore:

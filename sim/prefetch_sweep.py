@@ -120,7 +120,7 @@ def masked_nll(model: FractalMoE, tokens: np.ndarray, masks: np.ndarray) -> np.n
     """Next-token NLL (B, T-1) of ``tokens`` (B, T), row i served with only the experts ``masks[i]`` (L, E)
     installed (a missed expert is substituted by the installed one the router scores highest).
 
-    One forward pass serves many masks at once: each MoE's ``available`` hook is given per token, (B*(T-1), E),
+    One forward pass serves many masks at once: the installed experts are given per token (``model.serving``),
     which the router's masked argmax broadcasts over; this is what lets the sweep score every request and
     arrival segment of a row in a few passes rather than one pass per segment. The model is restored after.
     """
@@ -129,24 +129,15 @@ def masked_nll(model: FractalMoE, tokens: np.ndarray, masks: np.ndarray) -> np.n
     B, T = t.shape
     if m.shape != (B, model.cfg.n_layers, model.cfg.n_experts) or not m.any(dim=2).all():
         raise SweepError(f"masks must be (B={B}, L, E) with an installed expert in every block, got {tuple(m.shape)}")
-    saved = [(moe.available, moe.record_input) for moe in model.moes]
-    was_training = model.training
-    model.eval()
     out = torch.empty(B, T - 1, dtype=torch.float64)  # (B, T-1)
     step = max(1, TOKENS_PER_PASS // (T * model.cfg.vocab_size))
-    try:
-        with torch.no_grad():
-            for lo in range(0, B, step):
-                chunk = t[lo:lo + step]  # (b, T)
-                for blk, moe in enumerate(model.moes):
-                    moe.available = m[lo:lo + step, blk].repeat_interleave(T - 1, dim=0)  # (b*(T-1), E)
-                    moe.record_input = False
+    with torch.no_grad():
+        for lo in range(0, B, step):
+            chunk = t[lo:lo + step]  # (b, T)
+            per_token = m[lo:lo + step].repeat_interleave(T - 1, dim=0).transpose(0, 1)  # (L, b*(T-1), E)
+            with model.serving(available=per_token):
                 logp = model(chunk[:, :-1]).logits.double().log_softmax(dim=-1)  # (b, T-1, V)
-                out[lo:lo + step] = -logp.gather(-1, chunk[:, 1:, None])[..., 0]
-    finally:
-        for moe, (available, record) in zip(model.moes, saved):
-            moe.available, moe.record_input = available, record
-        model.train(was_training)
+            out[lo:lo + step] = -logp.gather(-1, chunk[:, 1:, None])[..., 0]
     return out.numpy()
 
 

@@ -7,7 +7,7 @@ an expert fetched on demand earlier in the same request). On a miss:
 
 * ``wait``: block until the expert is there: a prefetched one still in flight is waited for, any other is
   fetched on demand; the stall is virtual time, and the fetched expert stays installed.
-* ``substitute``: run the installed expert the router scores highest instead (``model.set_available``);
+* ``substitute``: run the installed expert the router scores highest instead (``model.serving(available=...)``);
   no time is lost, the cost is in perplexity (``quality.segmented_substitution_ppl``). A block with no
   expert installed at all waits for its first one, having nothing to substitute with.
 * ``remote``: send the tokens' hidden states (d_model floats each) to a node that holds the expert and get

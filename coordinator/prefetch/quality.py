@@ -1,7 +1,7 @@
 """What partial materialisation does to the model: routing traces, run-ahead, and substitution perplexity.
 
-These run the FractalMoE through its MoE hooks (``set_available``, ``record_input``, ``routes()``) and
-always leave the model as they found it.
+These run the FractalMoE through its MoE hooks (``FractalMoE.serving``: installed experts, input recording;
+``routes()``), which leave the model as they found it.
 """
 
 from __future__ import annotations
@@ -23,20 +23,9 @@ class QualityError(ValueError):
 
 @contextmanager
 def _serving(model: FractalMoE, mask: torch.Tensor | None, *, record_input: bool = False) -> Iterator[None]:
-    """Eval mode, no grad, the given installed mask and input recording; everything restored afterwards."""
-    was_training = model.training
-    saved = [(m.available, m.record_input) for m in model.moes]
-    model.eval()
-    model.set_available(mask)
-    for m in model.moes:
-        m.record_input = record_input
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, (available, record) in zip(model.moes, saved):
-            m.available, m.record_input = available, record
-        model.train(was_training)
+    """No grad, eval mode, the given installed mask and input recording; everything restored afterwards."""
+    with torch.no_grad(), model.serving(available=mask, record_input=record_input):
+        yield
 
 
 def _mask_tensor(model: FractalMoE, mask: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
@@ -115,7 +104,7 @@ def _as_tokens(tokens: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def substitution_ppl(model: FractalMoE, tokens: np.ndarray | torch.Tensor,
                      mask: np.ndarray | torch.Tensor) -> PplComparison:
-    """Perplexity of ``tokens`` (B, T) with misses substituted (``model.set_available(mask)``) vs the full model.
+    """Perplexity of ``tokens`` (B, T) with misses substituted (``model.serving(available=mask)``) vs the full model.
 
     Each row predicts its tokens 1..T-1 from the ones before. The model is left as it was found.
     """

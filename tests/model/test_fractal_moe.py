@@ -81,10 +81,54 @@ def test_available_mask_substitutes_the_best_installed_expert():
     mask = torch.ones(cfg.n_layers, cfg.n_experts, dtype=torch.bool)
     dropped = int(full[0, 0, 0])
     mask[0, dropped] = False
-    m.set_available(mask)
-    m(x)
+    with m.serving(available=mask):
+        m(x)
     assert dropped not in m.routes()[0].unique().tolist()
-    m.set_available(None)
+
+
+def _hooks(m) -> list[tuple]:
+    return [(moe.available, moe.forced_route, moe.record_input) for moe in m.moes] + [m.training]
+
+
+def test_serving_sets_the_hooks_and_restores_them_after_the_block():
+    cfg = PRESETS["tiny"].model
+    m = build_model(cfg, 0).train()
+    before = _hooks(m)
+    mask = torch.ones(cfg.n_layers, cfg.n_experts, dtype=torch.bool)
+    mask[:, 0] = False
+    forced = torch.full((cfg.n_layers, 2 * 8), 3, dtype=torch.long)  # (L, N) for a (2, 8) batch
+    with m.serving(available=mask, forced_route=forced, record_input=True) as served:
+        assert served is m and not m.training
+        assert all(torch.equal(moe.available, mask[b]) for b, moe in enumerate(m.moes))
+        m(torch.randint(0, cfg.vocab_size, (2, 8)))
+        assert bool((m.routes() == 3).all())  # forced wins over the router
+        assert all(moe.last_input is not None and moe.last_input.shape == (2, 8, cfg.d_model) for moe in m.moes)
+    assert _hooks(m) == before
+    # per-token installed sets: (L, N, E), one row of experts per position
+    per_token = mask[:, None].expand(cfg.n_layers, 2 * 8, cfg.n_experts)
+    with m.serving(available=per_token):
+        m(torch.randint(0, cfg.vocab_size, (2, 8)))
+        assert 0 not in m.routes().unique().tolist()
+    assert _hooks(m) == before
+
+
+def test_serving_restores_the_hooks_after_an_exception_and_nests():
+    cfg = PRESETS["tiny"].model
+    m = build_model(cfg, 0).eval()
+    outer = torch.ones(cfg.n_layers, cfg.n_experts, dtype=torch.bool)
+    outer[:, 1] = False
+    with m.serving(available=outer, record_input=True):
+        with pytest.raises(RuntimeError, match="boom"):
+            with m.serving(forced_route=torch.zeros(cfg.n_layers, 4, dtype=torch.long)):
+                raise RuntimeError("boom")
+        # the outer block's state is back, not the defaults
+        assert all(torch.equal(moe.available, outer[b]) and moe.forced_route is None and moe.record_input
+                   for b, moe in enumerate(m.moes))
+    assert all(h == (None, None, False) for h in _hooks(m)[:-1]) and not m.training
+    with pytest.raises(ValueError, match="one row per block"):
+        with m.serving(available=outer[0]):
+            pass
+    assert all(h == (None, None, False) for h in _hooks(m)[:-1])
 
 
 def test_parameter_name_contract():

@@ -56,11 +56,8 @@ def test_partial_bundle_serves_with_substitution_then_completes():
 
     partial_mask, partial, full, full_mask, names = asyncio.run(main())
     assert partial_mask[:, :8].all() and not partial_mask[:, 8:].any()
-    MODEL.set_available(partial_mask)
-    try:
+    with MODEL.serving(available=partial_mask):
         expected_partial = log_softmax_next(MODEL, IDS)
-    finally:
-        MODEL.set_available(None)
     assert torch.allclose(partial, expected_partial, atol=1e-5)
     assert torch.allclose(full, log_softmax_next(MODEL, IDS), atol=1e-5)
     assert not torch.allclose(partial, full, atol=1e-3)  # the missing experts really mattered
