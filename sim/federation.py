@@ -8,6 +8,8 @@ between the coordinator and the nodes is real gRPC on loopback sockets; nodes ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -28,11 +30,13 @@ from model.codecs import bundle_meta, encode_state_dict
 from model.pipeline import Suite
 from node.actor import NodeActor
 from node.adapters import encode_adapter
+from node.fetch import FetchPolicy
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.bundle import write_bundle
 
 from . import soup
+from .actors import actor_groups, packing, process_memory, stop_actor
 from .scenario import Scenario
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,10 @@ class BundleInfo:
     size: int
     sha256: str
     tensors: int
+
+    def spec(self) -> dict:
+        """The bundle as a node spec names it (``node.actor``: name, size, sha256 hex, model, codec)."""
+        return {"name": self.name, "size": self.size, "sha256": self.sha256, "model": self.model, "codec": self.codec}
 
 
 @dataclass
@@ -99,53 +107,6 @@ def plan_nodes(scn: Scenario, suite: Suite, links: list[str]) -> list[NodePlan]:
     return plans
 
 
-# One Ray actor per node costs a process: ~280 MB resident with torch, ~1 s of CPU to start, and
-# Ray starts only as many at once as there are cores. About 60 fit this 24 GiB machine (issue 8).
-ONE_ACTOR_PER_NODE_MAX = 64
-MIN_AUTO_ACTORS = 4  # so the four specialists of a mixture still sit on four actors
-
-
-def packing(nodes: int, requested: int, cpus: int) -> int:
-    """Virtual nodes per actor: ``requested``, unless that is 1 and one actor per node would not fit.
-
-    Past ONE_ACTOR_PER_NODE_MAX nodes the nodes are packed into as many actors as there are CPUs
-    (at least MIN_AUTO_ACTORS): an actor computes on one thread, so more actors than cores add
-    memory and start-up time and no throughput; nodes inside an actor cost ~1-2 MiB each.
-    """
-    if requested != 1 or nodes <= ONE_ACTOR_PER_NODE_MAX:
-        return requested
-    return math.ceil(nodes / max(MIN_AUTO_ACTORS, cpus))
-
-
-def actor_groups(plans: list[NodePlan], per_actor: int) -> list[list[NodePlan]]:
-    """The nodes of each actor: ceil(N / per_actor) actors, nodes dealt round-robin.
-
-    Dealt, not cut in runs: an actor computes on one thread, so the specialists (the first plans)
-    and the users' nodes land on different actors, and a mixture's components run in parallel.
-    """
-    n = math.ceil(len(plans) / per_actor)
-    return [plans[i::n] for i in range(n)]
-
-
-def process_memory(pid: int) -> dict:
-    """Resident (RSS) and proportional (PSS: shared pages split among their users) memory of a local process.
-
-    PSS is what a process really adds to the machine: torch's libraries, mapped by every actor, count
-    once in the sum of PSS but once per process in the sum of RSS. Linux only (``/proc``).
-    """
-    fields = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[0].endswith(":") and parts[2] == "kB":
-                    fields[parts[0][:-1]] = int(parts[1]) * 1024
-    except OSError:
-        return {"pid": pid, "rss_bytes": 0, "pss_bytes": 0, "uss_bytes": 0}
-    return {"pid": pid, "rss_bytes": fields.get("Rss", 0), "pss_bytes": fields.get("Pss", 0),
-            "uss_bytes": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)}
-
-
 def init_ray(address: str = "") -> bool:
     """Connect to the Ray cluster at ``address``, or start a local one on loopback ("").
 
@@ -177,6 +138,17 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
+async def serve_again(config: CoordinatorConfig) -> CoordinatorHandle:
+    """Serve ``config`` (its port) again; a port still closing is retried for a few seconds."""
+    for attempt in range(50):
+        try:
+            return await serve(config)
+        except RuntimeError:  # gRPC could not bind the port yet
+            if attempt == 49:
+                raise
+            await asyncio.sleep(0.2)
+
+
 class LocalFederation:
     """Start and stop a whole federation for a scenario. Use ``async with`` or start()/stop()."""
 
@@ -201,6 +173,7 @@ class LocalFederation:
         self.phases: dict[str, float] = {}  # wall seconds per start-up phase
         self.nodes_per_actor = scn.federation.nodes_per_actor  # as packed by start_nodes (see packing)
         self.actor_startup: list[dict] = []  # per actor, as its nodes finished starting (see start_nodes)
+        self.extra_actors: list = []  # actors of nodes outside the plan (see extra_nodes)
         self._ray_started_here = False
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -262,8 +235,17 @@ class LocalFederation:
         self.handle = await serve(cfg)
         for b in self.bundles.values():
             self.handle.store.put_file(b.name, b.path, model=b.model, codec=b.codec)
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        """The federation's own client channel to the coordinator as it is now."""
         self.channel = grpc.aio.insecure_channel(self.handle.address, options=CHANNEL_OPTIONS)
         self.stub = rpc.FederationStub(self.channel)
+
+    async def _close_channel(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
 
     async def put_users(self) -> None:
         """Register every user with the coordinator: known users with their adapters, unknown without."""
@@ -303,8 +285,7 @@ class LocalFederation:
             for p in group:
                 b = self.bundles[p.bundle]
                 specs.append({"node_id": p.node_id, "model": p.model, "codec": b.codec, "link": p.link,
-                              "bundles": [{"name": b.name, "size": b.size, "sha256": b.sha256,
-                                           "model": b.model, "codec": b.codec}]})
+                              "bundles": [b.spec()]})
             refs.append(actor.start.remote(self.handle.address, specs, self.node_token))
         bar = tqdm(total=len(self.plans), desc="ship bundles", unit="node", disable=not self.progress,
                    dynamic_ncols=True)
@@ -387,22 +368,55 @@ class LocalFederation:
 
     async def stop(self) -> None:
         """Stop nodes, the coordinator, and Ray if this federation started it."""
-        for actor in self.actors:
-            try:
-                await asyncio.wait_for(asyncio.wrap_future(actor.stop.remote().future()), 30)
-            except Exception:  # noqa: BLE001 - a node already gone (killed by a fault) is fine here
-                pass
-            ray.kill(actor)
-        self.actors = []
-        if self.channel is not None:
-            await self.channel.close()
-            self.channel = None
+        for actor in self.actors + self.extra_actors:
+            await stop_actor(actor)
+        self.actors, self.extra_actors = [], []
+        await self._close_channel()
         if self.handle is not None:
             await self.handle.stop()
             self.handle = None
         if self._ray_started_here:
             ray.shutdown()
             self._ray_started_here = False
+
+    # ---- faults: what a crash, a restart or another link does to the running federation ------
+    async def restart_coordinator(self) -> None:
+        """Stop the coordinator and serve it again on the same registry, bundle store and port, as
+        a coordinator that crashed and came back; the federation's own channel is reopened.
+
+        Nodes and clients are not told: their channels reconnect to the same port on their own.
+        """
+        assert self.handle is not None
+        config = dataclasses.replace(self.handle.core.config, port=self.handle.port)
+        await self._close_channel()
+        await self.handle.stop()
+        self.handle = await serve_again(config)
+        self._open_channel()
+
+    def kill_actor(self, index: int) -> list[str]:
+        """Kill node actor ``index`` outright (``ray.kill``, no restart), as a machine that crashed;
+        returns the ids of the nodes it hosted. The coordinator is not told: it finds out."""
+        ray.kill(self.actors[index], no_restart=True)
+        return list(self.actor_nodes[index])
+
+    @contextlib.asynccontextmanager
+    async def extra_nodes(self, specs: list[dict], *, via: str = "", fetch_policy: FetchPolicy | None = None,
+                          timeout: float = 120.0):
+        """Start nodes outside the plan on an actor of their own, reaching the coordinator over a
+        link of their own: ``via``, an address standing in for the coordinator's (a proxy), or the
+        coordinator itself (""). Yields the nodes' start results (``NodeHost.start``, by node id);
+        the actor is stopped on exit. Specs as ``node.actor`` reads them (see :meth:`BundleInfo.spec`).
+        """
+        assert self.handle is not None
+        actor = NodeActor.options(num_cpus=0, max_concurrency=1000).remote(torch_threads=1, fetch_policy=fetch_policy)
+        self.extra_actors.append(actor)
+        try:
+            ref = actor.start.remote(via or self.handle.address, specs, self.node_token)
+            results = await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
+            yield {r["node_id"]: r for r in results}
+        finally:
+            self.extra_actors.remove(actor)
+            await stop_actor(actor)
 
     # ---- helpers for the workload -----------------------------------------------------------
     def token(self, user: str) -> tuple[tuple[str, str]]:

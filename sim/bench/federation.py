@@ -26,7 +26,8 @@ from node.adapters import decode_adapter, encode_adapter
 from node.assembly import decode_bundle
 from proto import federation_pb2 as pb
 
-from ..federation import LocalFederation, init_ray, process_memory
+from ..actors import process_memory
+from ..federation import LocalFederation, init_ray
 from ..scenario import Scenario, override
 from .core import BenchConfig, BenchResult, abest_of
 

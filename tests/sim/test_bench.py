@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sim.actors import ONE_ACTOR_PER_NODE_MAX, actor_groups, packing, process_memory
 from sim.bench.core import BenchConfig, BenchError, BenchResult
 from sim.bench.runner import main, run_benchmarks
-from sim.federation import ONE_ACTOR_PER_NODE_MAX, NodePlan, actor_groups, packing, process_memory
+from sim.federation import NodePlan
 
 KEYS = {"name", "value", "baseline", "ratio", "unit"}
 
