@@ -42,9 +42,10 @@ from proto import federation_pb2_grpc as rpc
 from .adapters import ID_RE
 from .assembly import WeightStore
 from .counting import ByteCounter, CountingChannel
+from .errors import NodeError
 from .fetch import FetchPolicy
 from .memory import rss_bytes
-from .runtime import ControlLink, NodeError, NodeLimits, VirtualNode
+from .runtime import ControlLink, NodeLimits, VirtualNode
 from .server import NodeServer, bearer_metadata, start_node_server
 
 log = logging.getLogger(__name__)

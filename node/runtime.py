@@ -5,16 +5,15 @@ without its life cycle (``node.actor`` registers it and sends heartbeats), so th
 host can drive it directly. Errors are :class:`NodeError` subclasses carrying the gRPC status the
 server answers with.
 
-Concurrency: everything runs on one asyncio loop; forward passes and bundle decoding run on the
-process's one compute thread (:data:`COMPUTE`) so that the loop keeps serving the other virtual
-nodes of the process. A request takes a snapshot of the served model and the mask when it starts, so an install
+Concurrency: everything runs on one asyncio loop; forward passes, bundle decoding, assembly and
+soup instantiation run on the process's one compute thread (:data:`COMPUTE`), always handed over by
+``VirtualNode._submit``, so that the loop keeps serving the other virtual nodes of the process. A request takes a snapshot of the served model and the mask when it starts, so an install
 that swaps the model mid-request never mixes two models in one answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,13 +27,13 @@ import torch
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 
-from model.soup_of_experts import SoupError, estimate_domain_weights
-
 from .adapters import ID_RE, AdapterError, AdapterStore, UserAdapter, decode_adapter
 from .assembly import AssemblyError, DecodedBundle, ServedModel, WeightStore, decode_records, pack_mask, used_bundles
 from .counting import ByteCounter
+from .errors import InstallFailed, InvalidRequest, NoModel, UserNotLoaded
 from .fetch import FetchError, FetchPolicy, fetch_bundle
-from .inference import choose, next_logprobs, score_tokens, top_k
+from .inference import choose, next_logprobs, score_tokens
+from .soup import SoupInstance, describe, instantiate, kept_h, requested_h
 
 T = TypeVar("T")
 
@@ -44,45 +43,6 @@ T = TypeVar("T")
 COMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-compute")
 
 BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MAX_SOUP_SAMPLE_TOKENS = 65536  # InstantiateSoupRequest.sample_token_ids
-
-
-class NodeError(Exception):
-    """A request the node refuses; ``code`` is the gRPC status it answers with."""
-
-    code = grpc.StatusCode.INTERNAL
-
-
-class InvalidRequest(NodeError):
-    """Malformed input: token ids out of range, empty or over-long sequences, bad parameters."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class UserNotLoaded(NodeError):
-    """The request names a user whose adapter this node does not hold."""
-
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class NoModel(NodeError):
-    """The node has no model installed yet (or no link to the coordinator for a fetch)."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class Unsupported(NodeError):
-    """A request this node does not implement."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
-class InstallFailed(NodeError):
-    """Bundles could not be fetched, verified or assembled; the previous model is untouched."""
-
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,27 +67,6 @@ class ControlLink:
     metadata: tuple[tuple[str, str], ...]
     policy: FetchPolicy = field(default_factory=FetchPolicy)
     timeout_s: float = 30.0
-
-
-@dataclass
-class SoupInstance:
-    """The specialist a node instantiated from its Soup-of-Experts bank."""
-
-    bank: str  # the bank bundle's name
-    domains: tuple[str, ...]
-    domain_weights: list[float]  # h
-    alpha: list[float]  # MLP(h)
-    label: str  # what ScoreTokensReply.model says
-
-    def as_dict(self) -> dict:
-        """JSON-able."""
-        return {"bank": self.bank, "domains": list(self.domains), "domain_weights": self.domain_weights,
-                "alpha": self.alpha, "model": self.label}
-
-
-def soup_label(h: Sequence[float]) -> str:
-    """The model label of a specialist instantiated for domain weights ``h``."""
-    return "soup:h=" + ",".join(f"{v:.3f}" for v in h)
 
 
 @dataclass
@@ -215,8 +154,9 @@ class VirtualNode:
         self.routing += torch.bincount((routes + offsets).reshape(-1), minlength=L * E).view(L, E)
         self.predictions += routes.shape[1]
 
-    async def _run(self, served: ServedModel, mask: torch.Tensor, fn: Callable) -> T:
-        return await asyncio.get_running_loop().run_in_executor(COMPUTE, served.run, mask, fn)
+    async def _submit(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` on the process's compute thread, awaited: the one way work leaves the loop."""
+        return await asyncio.get_running_loop().run_in_executor(COMPUTE, fn, *args)
 
     def label(self, user_id: str) -> str:
         """The ScoreTokensReply.model string for a request of ``user_id``."""
@@ -231,7 +171,7 @@ class VirtualNode:
         ids = self._ids(token_ids, served, least=2, most=self.limits.max_score_tokens, what="ScoreTokens")
         adapter = self._adapter(user_id)
         tensors = adapter.tensors if adapter else None
-        logps, routes = await self._run(served, mask, lambda m: score_tokens(m, ids, tensors))
+        logps, routes = await self._submit(served.run, mask, lambda m: score_tokens(m, ids, tensors))
         self._count_routes(served, routes[:, :-1])
         return logps, routes
 
@@ -241,7 +181,7 @@ class VirtualNode:
         ids = self._ids(token_ids, served, least=1, most=self.limits.max_prompt_tokens, what="prefix")
         adapter = self._adapter(user_id)
         tensors = adapter.tensors if adapter else None
-        logps, route = await self._run(served, mask, lambda m: next_logprobs(m, ids, tensors))
+        logps, route = await self._submit(served.run, mask, lambda m: next_logprobs(m, ids, tensors))
         self._count_routes(served, route[:, None])
         return logps
 
@@ -281,7 +221,7 @@ class VirtualNode:
         seq = ids
         for i in range(max_new):
             ctx = seq
-            logps, route = await self._run(served, mask, lambda m: next_logprobs(m, ctx, tensors))
+            logps, route = await self._submit(served.run, mask, lambda m: next_logprobs(m, ctx, tensors))
             self._count_routes(served, route[:, None])
             tok = choose(logps, temperature=temperature, k=k, gen=gen)
             seq = torch.cat([seq[-served.config.context:], torch.tensor([tok])])
@@ -386,8 +326,8 @@ class VirtualNode:
                     result.resumes += fetched.resumes
                     result.refetches += fetched.refetches
                     result.fetched.append(ref.name)
-                    new.append(await asyncio.get_running_loop().run_in_executor(
-                        COMPUTE, self.store.get_or_decode, fetched.sha256,
+                    new.append(await self._submit(
+                        self.store.get_or_decode, fetched.sha256,
                         lambda f=fetched, r=ref: decode_records(f.bundle, name=r.name, sha256=f.sha256,
                                                                 size=f.size, model=r.model, codec=r.codec)))
             except FetchError as exc:
@@ -401,13 +341,13 @@ class VirtualNode:
                 # a bank makes no model by itself: serve its instantiation for the current h
                 # (uniform over its domains at first) until InstantiateSoup asks for another
                 bank = banks[-1]
-                h = self._soup_h(bank)
-                models.append(await self._run_compute(lambda: self._instantiated(bank, h, None)[0]))
+                h = kept_h(bank, self.soup)
+                models.append((await self._submit(instantiate, self.store, bank, h, None))[0])
             if models:
                 await self.adopt(models)
             if banks:
                 self.bank = banks[-1]
-                self.soup = self._instance(self.bank, h)
+                self.soup = describe(self.bank, h)
             result.installed = self.installed_names()
             result.seconds = time.perf_counter() - t0
             return result
@@ -421,7 +361,7 @@ class VirtualNode:
         shas = {b.sha256 for b in new}
         bundles = used_bundles([b for b in self.bundles if b.sha256 not in shas] + list(new))
         try:
-            served = await asyncio.get_running_loop().run_in_executor(COMPUTE, self.store.acquire, bundles)
+            served = await self._submit(self.store.acquire, bundles)
         except AssemblyError as exc:
             self.store.prune()
             raise InstallFailed(f"bundles do not make a model: {exc}") from None
@@ -435,45 +375,6 @@ class VirtualNode:
 
     # ----------------------------------------------------------------------------- soup of experts
 
-    async def _run_compute(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(COMPUTE, fn)
-
-    def _soup_h(self, bank: DecodedBundle) -> torch.Tensor:
-        """The h to keep serving with a new bank: the current one if it fits, else uniform."""
-        d = len(bank.bank.domains)
-        if self.soup is not None and len(self.soup.domain_weights) == d:
-            return torch.tensor(self.soup.domain_weights)
-        return torch.full((d,), 1.0 / d)
-
-    def _instance(self, bank: DecodedBundle, h: torch.Tensor) -> SoupInstance:
-        h = bank.bank.check_h(h)
-        return SoupInstance(bank=bank.name, domains=bank.bank.domains, domain_weights=[float(v) for v in h],
-                            alpha=[float(v) for v in bank.bank.alpha(h).detach()], label=soup_label(h.tolist()))
-
-    def _instantiated(self, bank: DecodedBundle, h: torch.Tensor | None,
-                      sample: torch.Tensor | None) -> tuple[DecodedBundle, torch.Tensor]:
-        """(the decoded pseudo-bundle of the specialist for h, h); blocking. h is estimated from
-        ``sample`` (token ids) when not given. Shared with the process's other nodes by a sha256 of
-        the bank's and h's bytes."""
-        soup = bank.bank
-        try:
-            if h is None:
-                if bank.unigram is None:
-                    raise InvalidRequest(f"bank {bank.name!r} ships no unigram tables: give domain_weights")
-                h = estimate_domain_weights(sample, bank.unigram)
-            h = soup.check_h(h)
-        except SoupError as exc:
-            raise InvalidRequest(str(exc)) from None
-        h = h.to(torch.float32)
-        sha = hashlib.sha256(bank.sha256 + h.numpy().tobytes()).digest()
-
-        def build() -> DecodedBundle:
-            tensors = {k: v.requires_grad_(False) for k, v in soup.instantiate(h).items()}
-            return DecodedBundle(name=f"{bank.name}@{sha.hex()[:12]}", sha256=sha, size=0, config=bank.config,
-                                 meta={"instantiated_from": bank.name, "domain_weights": h.tolist()},
-                                 tensors=tensors, model=bank.model, codec=bank.codec)
-        return self.store.get_or_decode(sha, build), h
-
     async def instantiate_soup(self, domain_weights: Sequence[float] = (),
                                sample_token_ids: Sequence[int] = ()) -> SoupInstance:
         """Serve the specialist of the held bank for ``domain_weights`` h, or for h estimated from
@@ -483,25 +384,11 @@ class VirtualNode:
         if bank is None:
             raise NoModel(f"node {self.node_id} holds no Soup-of-Experts bank (install a bundle of kind "
                           f"\"soup-of-experts\" first)")
-        if bool(domain_weights) == bool(sample_token_ids):
-            raise InvalidRequest("give exactly one of domain_weights and sample_token_ids")
-        h = sample = None
-        if domain_weights:
-            if len(domain_weights) != len(bank.bank.domains):
-                raise InvalidRequest(f"domain_weights has {len(domain_weights)} values; the bank has "
-                                     f"{len(bank.bank.domains)} domains ({', '.join(bank.bank.domains)})")
-            h = torch.tensor(list(domain_weights), dtype=torch.float32)
-        else:
-            n, vocab = len(sample_token_ids), bank.config.vocab_size
-            if n > MAX_SOUP_SAMPLE_TOKENS:
-                raise InvalidRequest(f"sample of {n} tokens exceeds the limit of {MAX_SOUP_SAMPLE_TOKENS}")
-            sample = torch.tensor(list(sample_token_ids), dtype=torch.long)
-            if bool((sample >= vocab).any()):
-                raise InvalidRequest(f"sample token id {int(sample.max())} is out of range (vocabulary of {vocab})")
+        h, sample = requested_h(bank, domain_weights, sample_token_ids)
         async with self._install_lock:
-            inst, h = await self._run_compute(lambda: self._instantiated(bank, h, sample))
+            inst, h = await self._submit(instantiate, self.store, bank, h, sample)
             await self.adopt([inst])
-            self.soup = self._instance(bank, h)
+            self.soup = describe(bank, h)
             return self.soup
 
     def _drop_unfit_adapters(self, served: ServedModel) -> None:

@@ -27,8 +27,9 @@ from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 
 from .counting import add_counted_servicer
+from .errors import InvalidRequest, NodeError, Unsupported
 from .inference import top_k
-from .runtime import InvalidRequest, NodeError, Unsupported, VirtualNode
+from .runtime import VirtualNode
 
 log = logging.getLogger(__name__)
 

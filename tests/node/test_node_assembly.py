@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from model.fractal_moe import build_model, expert_of
 from node.adapters import encode_adapter
 from node.assembly import AssemblyError, WeightStore, pack_mask, unpack_mask
-from node.runtime import InstallFailed, VirtualNode
+from node.errors import InstallFailed
+from node.runtime import VirtualNode
 
 from node_support import TINY, decoded, log_softmax_next, random_adapter, tiny_model
 
