@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Collection
 import grpc
 import numpy as np
 
+from model.mixtures import normalised_prior
+from model.sampling import sample_token
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 
@@ -16,7 +18,7 @@ from .auth import Principal, hash_token, new_token, require_user_access
 from .core import Core, first_error, handles_errors, handles_stream_errors, node_down, node_error
 from .limits import (RequestError, check_bundle_name, check_enum, check_float, check_id, check_int, check_prior,
                      check_text, check_token_count, invalid)
-from .mixture import distribution_from_reply, mix_step, normalise_prior, sample_token, score_mixture, update_log_weights
+from .mixture import distribution_from_reply, mix_step, score_mixture, update_log_weights
 from .registry import UserRecord
 from .routing import BASE_MODEL, Route
 from .store import BundleIntegrityError
@@ -278,7 +280,7 @@ class FederationService(rpc.FederationServicer):
         codec = self.core.codec
         comps = list(request.mixture.components)
         mode = request.mixture.mode
-        log_w = np.log(normalise_prior(prior, len(comps)))  # (N,)
+        log_w = np.log(normalised_prior(prior, len(comps)))  # (N,)
         rng = np.random.default_rng(request.seed)
         decoder = IncrementalDecoder(codec)
         prefix = list(ids)

@@ -38,17 +38,17 @@ class WindowSampler:
 
 
 def eval_windows(ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-overlapping windows covering ``ids`` for evaluation.
+    """Non-overlapping windows covering every token of ``ids`` (n,) for evaluation.
 
-    Returns x, y of shape (W, context) where y is x shifted by one and padded with -100 (ignored)
-    past the end; every token but the first is predicted exactly once.
+    Returns x, y of shape (W, context), W = ceil(n / context): x holds the tokens in order (0 past
+    the end), y the token after each (-100, ignored, at the last token and past the end). Every
+    token but the first is predicted exactly once, and every token, the last included, passes
+    through the model (a node reports the route of each).
     """
-    n = ids.numel() - 1  # predicted positions
+    n = ids.numel()
     w = max(1, -(-n // context))
-    x = torch.zeros(w, context, dtype=torch.long)
-    y = torch.full((w, context), -100, dtype=torch.long)
-    for i in range(w):
-        seg = ids[i * context:i * context + context + 1]
-        x[i, :seg.numel() - 1] = seg[:-1]
-        y[i, :seg.numel() - 1] = seg[1:]
-    return x, y  # (W, T), (W, T)
+    x = torch.zeros(w * context, dtype=torch.long)
+    x[:n] = ids
+    y = torch.full((w * context,), -100, dtype=torch.long)
+    y[:n - 1] = ids[1:]
+    return x.view(w, context), y.view(w, context)  # (W, T), (W, T)

@@ -3,32 +3,50 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from .data import eval_windows
 from .fractal_moe import FractalMoE
+from .sampling import sample_token
 
 LN2 = math.log(2.0)
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under ``logits`` (..., T, V): the float64 log-softmax at each target (..., T) long."""
+    lp = torch.log_softmax(logits.double(), dim=-1)  # (..., T, V)
+    return lp.gather(-1, targets[..., None])[..., 0]
+
+
+def window_logps(logits_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, context: int, *,
+                 batch: int = 16) -> torch.Tensor:
+    """log p(x_t | x_<t) in nats for every token of ``ids`` (n,) but the first: (n-1,) float64.
+
+    The text is cut into the non-overlapping windows of :func:`model.data.eval_windows`, so each
+    prediction sees at most ``context`` tokens of history (the same for every model compared), and
+    ``logits_of`` ((b, context) long -> (b, context, V) logits) runs on ``batch`` windows at a time,
+    in order. Every scorer of a text longer than the context uses this: ``token_logps`` and a node's
+    ScoreTokens.
+    """
+    x, y = eval_windows(ids, context)  # (W, T), (W, T)
+    out = []
+    for i in range(0, x.size(0), batch):
+        tgt = y[i:i + batch]  # (b, T)
+        lp = target_logps(logits_of(x[i:i + batch]), tgt.clamp(min=0))  # (b, T)
+        out.append(lp[tgt != -100])
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def token_logps(model: FractalMoE, ids: torch.Tensor, *, batch: int = 16) -> torch.Tensor:
     """log p(x_t | x_<t) in nats for every token of ``ids`` but the first: (N-1,) float64.
 
-    The text is cut into non-overlapping windows of the model's context, so each prediction
-    sees at most ``context`` tokens of history (the same for every model compared).
+    Scored in windows of the model's context (:func:`window_logps`).
     """
     model.eval()
-    x, y = eval_windows(ids, model.cfg.context)  # (W, T), (W, T)
-    out = []
-    for i in range(0, x.size(0), batch):
-        logits = model(x[i:i + batch]).logits  # (b, T, V)
-        lp = torch.log_softmax(logits.double(), dim=-1)  # (b, T, V)
-        tgt = y[i:i + batch]
-        keep = tgt != -100
-        out.append(lp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0][keep])
-    return torch.cat(out)
+    return window_logps(lambda x: model(x).logits, ids, model.cfg.context, batch=batch)
 
 
 def perplexity(logps: torch.Tensor) -> float:
@@ -45,7 +63,11 @@ def bits_per_char(logps: torch.Tensor, n_chars: int) -> float:
 def sample(
     model: FractalMoE, prompt: torch.Tensor, n: int, *, greedy: bool = True, temperature: float = 1.0, seed: int = 0
 ) -> torch.Tensor:
-    """Continue ``prompt`` ((T,) long) by ``n`` tokens; returns only the new ones, (n,) long."""
+    """Continue ``prompt`` ((T,) long) by ``n`` tokens; returns only the new ones, (n,) long.
+
+    Each token is chosen by :func:`model.sampling.sample_token` from the last ``context`` tokens'
+    logits: greedy, or at ``temperature`` over the whole vocabulary.
+    """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     ids = prompt.clone()
@@ -53,11 +75,7 @@ def sample(
     for _ in range(n):
         ctx = ids[-model.cfg.context:][None]  # (1, T)
         logits = model(ctx).logits[0, -1]  # (V,)
-        if greedy:
-            nxt = int(logits.argmax())
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        nxt = sample_token(logits, temperature=0.0 if greedy else temperature, rng=gen)
         new.append(nxt)
         ids = torch.cat([ids, torch.tensor([nxt])])
     return torch.tensor(new, dtype=torch.long)

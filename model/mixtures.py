@@ -12,8 +12,9 @@ combines those numbers, never the weights (Bet 31 and 33: weights of specialists
   for every i: the total regret against the best specialist is at most -log prior_i (log N).
 - Attribution (Bet 18): specialist i's responsibility for token t, w_i p_i / sum_j w_j p_j.
 - Generation needs whole next-token distributions (N, ..., V); they can be shipped as the top k
-  probabilities plus the remaining mass (:class:`TopK`), a bandwidth/quality trade-off that
-  :func:`topk_tradeoff` measures.
+  probabilities plus the remaining mass (:func:`topk_split`, :class:`TopK`; rebuilt by
+  :func:`topk_log_probs`), a bandwidth/quality trade-off that :func:`topk_tradeoff` measures. A
+  generator steps the posterior weights token by token with :func:`posterior_step`.
 
 Shapes: ``logps`` is (N, ..., T): specialists first, time last, any batch axes between; every
 posterior quantity restarts at t = 0 of each sequence. All arithmetic is float64. Functions accept
@@ -74,17 +75,29 @@ def _logps(logps: Array, name: str = "logps", *, min_dim: int = 2) -> tuple[torc
     return t, as_np
 
 
-def _log_prior(prior: Array | Sequence[float] | None, n: int) -> torch.Tensor:
-    """log of the normalised prior over ``n`` specialists: (N,) float64 (-inf where the prior is 0)."""
-    if prior is None:
-        return torch.full((n,), -math.log(n), dtype=torch.float64)
+def _prior(prior: Array | Sequence[float], n: int) -> torch.Tensor:
+    """The prior over ``n`` specialists, validated and normalised: (N,) float64."""
     p, _ = _f64(prior if isinstance(prior, (torch.Tensor, np.ndarray)) else np.asarray(prior, dtype=np.float64),
                 "prior")
     if p.shape != (n,):
         raise MixtureError(f"prior must have shape ({n},) to match {n} specialists, got {tuple(p.shape)}")
     if not torch.isfinite(p).all() or (p < 0).any() or float(p.sum()) <= 0:
         raise MixtureError("prior must be finite, non-negative and not all zero")
-    return torch.log(p / p.sum())
+    return p / p.sum()
+
+
+def normalised_prior(prior: Array | Sequence[float] | None, n: int) -> np.ndarray:
+    """The prior over ``n`` specialists normalised to sum to 1, (N,) float64; uniform when None or empty."""
+    if prior is None or len(prior) == 0:
+        return np.full(n, 1.0 / n)
+    return _prior(prior, n).numpy()
+
+
+def _log_prior(prior: Array | Sequence[float] | None, n: int) -> torch.Tensor:
+    """log of the normalised prior over ``n`` specialists: (N,) float64 (-inf where the prior is 0)."""
+    if prior is None:
+        return torch.full((n,), -math.log(n), dtype=torch.float64)
+    return torch.log(_prior(prior, n))
 
 
 def _log_weights(weights: Array, logps: torch.Tensor) -> torch.Tensor:
@@ -133,6 +146,21 @@ def posterior_log_weights(logps: Array, prior: Array | Sequence[float] | None = 
     norm = torch.logsumexp(joint, dim=0, keepdim=True)  # (1, ..., T)
     if torch.isinf(norm).any():
         raise MixtureError("every specialist gave probability 0 to an earlier token: the posterior is undefined")
+    return _out(joint - norm, as_np)
+
+
+def posterior_step(log_weights: Array, token_logps: Array) -> Array:
+    """The posterior log weights (N, ...) after one more token, to which specialist i gave ``token_logps[i]``.
+
+    log w_i + log p_i(x), renormalised over i: one step of :func:`posterior_log_weights`, for a
+    generator that weights each next token by the posterior after the tokens it produced.
+    """
+    lw, as_np = _f64(log_weights, "log_weights")
+    lp, _ = _f64(token_logps, "token_logps")
+    joint = lw + lp  # (N, ...)
+    norm = torch.logsumexp(joint, dim=0, keepdim=True)
+    if torch.isinf(norm).any():
+        raise MixtureError("every specialist gave the token probability 0: the posterior is undefined")
     return _out(joint - norm, as_np)
 
 
@@ -299,11 +327,7 @@ class TopK:
 
     def log_probs(self) -> torch.Tensor:
         """The reconstructed distribution, (..., V) float64 log-probabilities (rows sum to 1)."""
-        probs = self.probs.to(torch.float64)  # (..., k)
-        f = self.rest.to(torch.float64).clamp(min=REST_FLOOR) / max(self.vocab_size - self.k, 1)  # (...,)
-        q = f[..., None].expand(*self.rest.shape, self.vocab_size).clone()  # (..., V)
-        q.scatter_(-1, self.indices, torch.maximum(probs, f[..., None]))
-        return torch.log(q / q.sum(dim=-1, keepdim=True))
+        return topk_log_probs(self.indices, self.probs, self.rest, self.vocab_size)
 
     def to_bytes(self) -> bytes:
         """Little-endian wire form: all indices, then all probabilities, then all remaining masses."""
@@ -331,16 +355,49 @@ class TopK:
                    vocab_size=vocab_size)
 
 
+def topk_log_probs(indices: torch.Tensor, probs: torch.Tensor, rest: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A whole distribution (..., V) float64 log-probabilities from its top k and the remaining mass.
+
+    ``indices`` (..., k) token ids, ``probs`` (..., k) their probabilities, ``rest`` (...,) the mass of
+    the other tokens. With f = max(rest, REST_FLOOR) / max(V - k, 1), every other token gets f, token
+    ``indices[j]`` gets max(probs[j], f), and each row is renormalised: it sums to 1 whatever rounding
+    the wire did, and no token gets probability 0 (the rule of :class:`TopK`).
+    """
+    k = indices.size(-1)
+    p = probs.to(torch.float64)  # (..., k)
+    f = rest.to(torch.float64).clamp(min=REST_FLOOR) / max(vocab_size - k, 1)  # (...,)
+    q = f[..., None].expand(*rest.shape, vocab_size).clone()  # (..., V)
+    q.scatter_(-1, indices, torch.maximum(p, f[..., None]))
+    return torch.log(q / q.sum(dim=-1, keepdim=True))
+
+
+def topk_split(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` most probable tokens of each distribution (..., V), most probable first: their ids
+    (..., k), their log-probs (..., k) float64, and the mass of all the other tokens (...,) float64.
+
+    The remaining mass is 1 - sum of the top k's probabilities, in float64 and at least 0 (exactly 0
+    when k covers the vocabulary): the complement of what is shipped, so the top k and the rest sum
+    to 1 even when the log-probs carry rounding (a float32 softmax), and a receiver reconstructs a
+    distribution, not a measure. (A logsumexp over the other tokens measures their mass more
+    finely when it is tiny, but then disagrees with the shipped top k by the input's rounding; a
+    rest under ``REST_FLOOR`` is floored on reconstruction either way.)
+    """
+    top_lp, idx = torch.topk(logprobs.to(torch.float64), k, dim=-1)  # (..., k)
+    rest = (1.0 - torch.exp(top_lp).sum(dim=-1)).clamp(min=0.0)  # (...,)
+    if k == logprobs.size(-1):
+        rest = torch.zeros_like(rest)  # no token is left out
+    return idx, top_lp, rest
+
+
 def compress_topk(logprobs: Array, *, k: int) -> TopK:
     """Keep the ``k`` most probable tokens of each distribution (..., V) and the mass left over."""
     lp, _ = _logps(logprobs, "logprobs", min_dim=1)
     vocab = lp.size(-1)
     if not 1 <= k <= vocab:
         raise MixtureError(f"k must lie in [1, {vocab}], got {k}")
-    top_lp, idx = torch.topk(lp, k, dim=-1)  # (..., k)
-    top = torch.exp(top_lp)  # (..., k)
-    rest = (1.0 - top.sum(dim=-1)).clamp(min=0.0)  # (...,) from the exact probabilities, before rounding
-    return TopK(indices=idx, probs=top.to(torch.float16), rest=rest.to(torch.float16), vocab_size=vocab)
+    idx, top_lp, rest = topk_split(lp, k)  # (..., k), (..., k), (...,): rest before rounding
+    return TopK(indices=idx, probs=torch.exp(top_lp).to(torch.float16), rest=rest.to(torch.float16),
+                vocab_size=vocab)
 
 
 def topk_tradeoff(logprobs: Array, tokens: Array | None = None, *, ks: Sequence[int]) -> list[dict]:

@@ -1,9 +1,11 @@
-"""What a node computes: observed-token log-probs, next-token distributions, sampling.
+"""What a node computes: observed-token log-probs and next-token distributions.
 
 Blocking functions over a FractalMoE module, run by ``ServedModel.run`` (which holds the module's
-lock and sets the node's expert mask). A user's adapter is passed as ``adapter`` ({norm name:
-tensor}) and substituted for one forward pass by ``torch.func.functional_call``; the module's own
-(base) norms are never written. All log-probabilities are float64 log-softmaxes of the logits.
+lock and sets the node's expert mask). The rules are model's: windows (``model.evaluate``), top-k
+(``model.mixtures``), sampling (``model.sampling``). A user's adapter is passed as ``adapter``
+({norm name: tensor}) and substituted for one forward pass by ``torch.func.functional_call``; the
+module's own (base) norms are never written. All log-probabilities are float64 log-softmaxes of
+the logits.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import math
 import torch
 from torch.func import functional_call
 
+from model.evaluate import window_logps
 from model.fractal_moe import FractalMoE
+from model.mixtures import topk_split
 
 Adapter = dict[str, torch.Tensor] | None
 
@@ -29,27 +33,19 @@ def score_tokens(module: FractalMoE, ids: torch.Tensor, adapter: Adapter, *,
                  batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(x_{i+1} | window prefix) for i < n-1, and the expert each block chose at every position.
 
-    ``ids`` (n,) long, n >= 2. Longer than the context, the sequence is cut into non-overlapping
-    windows of the context, as ``model.evaluate.token_logps`` does, so both give the same numbers.
+    ``ids`` (n,) long, n >= 2. Longer than the context, the sequence is scored in windows by
+    ``model.evaluate.window_logps``, the rule of ``model.evaluate.token_logps``.
     Returns logps (n-1,) float64 and routes (L, n) long.
     """
-    n = ids.numel()
-    ctx = module.cfg.context
-    w = -(-n // ctx)
-    x = torch.zeros(w * ctx, dtype=torch.long)
-    x[:n] = ids
-    y = torch.full((w * ctx,), -100, dtype=torch.long)
-    y[:n - 1] = ids[1:]
-    x, y = x.view(w, ctx), y.view(w, ctx)  # (W, T), (W, T)
-    logps, routes = [], []
-    for i in range(0, w, batch):
-        logits = forward(module, x[i:i + batch], adapter)  # (b, T, V)
-        lp = torch.log_softmax(logits.double(), dim=-1)  # (b, T, V)
-        tgt = y[i:i + batch]
-        keep = tgt != -100
-        logps.append(lp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0][keep])
+    routes = []
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        logits = forward(module, x, adapter)  # (b, T, V)
         routes.append(module.routes().reshape(module.cfg.n_layers, -1))  # (L, b*T)
-    return torch.cat(logps), torch.cat(routes, dim=1)[:, :n]
+        return logits
+
+    logps = window_logps(logits_of, ids, module.cfg.context, batch=batch)  # (n-1,)
+    return logps, torch.cat(routes, dim=1)[:, :ids.numel()]
 
 
 def next_logprobs(module: FractalMoE, ids: torch.Tensor, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,26 +59,9 @@ def next_logprobs(module: FractalMoE, ids: torch.Tensor, adapter: Adapter) -> tu
 def top_k(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The k most likely ids (most likely first), their log-probs, and the log of the rest's mass.
 
-    The rest is a logsumexp over the other tokens (not log(1 - sum p), which cancels badly when
-    the top k hold almost everything); -inf when k covers the vocabulary.
+    ``model.mixtures.topk_split``'s rule (the rest is 1 - the top k's mass); -inf when k covers the
+    vocabulary.
     """
-    k = min(k, logprobs.numel())
-    vals, ids = torch.topk(logprobs, k)  # (k,), (k,)
-    if k == logprobs.numel():
-        return ids, vals, -math.inf
-    rest = torch.ones_like(logprobs, dtype=torch.bool)
-    rest[ids] = False
-    return ids, vals, float(torch.logsumexp(logprobs[rest], dim=0))
+    ids, vals, rest = topk_split(logprobs, min(k, logprobs.numel()))  # (k,), (k,), ()
+    return ids, vals, math.log(float(rest)) if float(rest) > 0 else -math.inf
 
-
-def choose(logprobs: torch.Tensor, *, temperature: float, k: int, gen: torch.Generator) -> int:
-    """Pick the next token: greedy when ``temperature`` is 0, else a sample at that temperature
-    among the ``k`` most likely tokens (all when 0), drawn from ``gen``."""
-    if temperature == 0:
-        return int(logprobs.argmax())
-    scaled = logprobs / temperature  # (V,)
-    if 0 < k < scaled.numel():
-        kth = torch.topk(scaled, k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, -math.inf)
-    probs = torch.softmax(scaled, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen))

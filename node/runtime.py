@@ -27,12 +27,14 @@ import torch
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 
+from model.sampling import sample_token
+
 from .adapters import ID_RE, AdapterError, AdapterStore, UserAdapter, decode_adapter
 from .assembly import AssemblyError, DecodedBundle, ServedModel, WeightStore, decode_records, pack_mask, used_bundles
 from .counting import ByteCounter
 from .errors import InstallFailed, InvalidRequest, NoModel, UserNotLoaded
 from .fetch import FetchError, FetchPolicy, fetch_bundle
-from .inference import choose, next_logprobs, score_tokens
+from .inference import next_logprobs, score_tokens
 from .soup import SoupInstance, describe, instantiate, kept_h, requested_h
 
 T = TypeVar("T")
@@ -223,7 +225,7 @@ class VirtualNode:
             ctx = seq
             logps, route = await self._submit(served.run, mask, lambda m: next_logprobs(m, ctx, tensors))
             self._count_routes(served, route[:, None])
-            tok = choose(logps, temperature=temperature, k=k, gen=gen)
+            tok = sample_token(logps, temperature=temperature, top_k=k, rng=gen)
             seq = torch.cat([seq[-served.config.context:], torch.tensor([tok])])
             finish = (pb.FINISH_REASON_STOP if tok in stop else
                       pb.FINISH_REASON_LENGTH if i == max_new - 1 else pb.FINISH_REASON_UNSPECIFIED)

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.mixture import (distribution_from_reply, mix_step, sample_token, score_mixture, update_log_weights)
+from coordinator.mixture import distribution_from_reply, mix_step, score_mixture, update_log_weights
+from model.sampling import sample_token
 from proto import federation_pb2 as pb
 
 

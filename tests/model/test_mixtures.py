@@ -260,6 +260,52 @@ def test_topk_tradeoff_quality_improves_with_k():
     assert abs(rows[-1]["extra_nats"]) < 1e-3
 
 
+
+def test_topk_rest_is_the_complement_of_the_shipped_top_k():
+    # log-probs from a float32 softmax do not sum to 1 in float64; the rest must still complete the
+    # top k to exactly 1, so what is shipped is a distribution (a logsumexp over the other tokens
+    # would carry the input's rounding error, ~1e-7, into the reconstruction)
+    g = torch.Generator().manual_seed(11)
+    lp = torch.log_softmax(torch.randn(64, 300, generator=g) * 4, dim=-1).double()  # (64, V)
+    assert (torch.exp(lp).sum(-1) - 1).abs().max() > 1e-9  # really off, or the test shows nothing
+    for k in (1, 5, 40, 299):
+        idx, top, rest = M.topk_split(lp, k)  # (64, k), (64, k), (64,)
+        assert top.dtype == rest.dtype == torch.float64
+        assert torch.equal(idx, torch.topk(lp, k, dim=-1).indices) and torch.equal(top, lp.gather(-1, idx))
+        shipped = torch.exp(top).sum(-1)  # (64,): may exceed 1 by the input's rounding; the rest is then 0
+        np.testing.assert_allclose(shipped + rest, torch.clamp(shipped, min=1.0), rtol=0, atol=1e-15)
+        assert bool((rest >= 0).all())
+        assert torch.equal(M.compress_topk(lp, k=k).rest, rest.to(torch.float16))
+    # nothing left out: exactly 0; top k holding more than 1 by rounding: clamped at 0
+    assert bool((M.topk_split(lp, 300)[2] == 0).all())
+    over = torch.log(torch.tensor([0.6, 0.4000001, 1e-9], dtype=torch.float64))
+    assert float(M.topk_split(over, 2)[2]) == 0.0
+
+
+def test_topk_log_probs_is_the_rule_of_topk():
+    g = torch.Generator().manual_seed(12)
+    lp = torch.log_softmax(torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 2, dim=-1)
+    c = M.compress_topk(lp, k=6)
+    assert torch.equal(M.topk_log_probs(c.indices, c.probs, c.rest, 50), c.log_probs())
+    # a rest of 0 still leaves every other token the floor's share
+    q = M.topk_log_probs(torch.tensor([2]), torch.tensor([1.0]), torch.tensor(0.0), 5)
+    np.testing.assert_allclose(torch.exp(q), np.array([1, 1, 4 * 2 ** 20, 1, 1]) / (4 + 4 * 2 ** 20), rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_posterior_step_token_by_token_is_the_posterior(seed):
+    lp = random_logps(4, 25, seed)  # (N, T)
+    prior = np.random.default_rng(seed).uniform(0.1, 1.0, size=4)
+    lw = np.log(M.normalised_prior(prior, 4))
+    expected = M.posterior_log_weights(lp, prior)  # (N, T): before each token
+    for t in range(lp.shape[1]):
+        np.testing.assert_allclose(lw, expected[:, t], atol=1e-10)
+        lw = M.posterior_step(lw, lp[:, t])
+    np.testing.assert_allclose(M.normalised_prior(None, 4), 0.25)
+    np.testing.assert_allclose(M.normalised_prior([], 2), 0.5)
+    with pytest.raises(MixtureError, match="posterior is undefined"):
+        M.posterior_step(np.log([0.5, 0.5]), np.array([-np.inf, -np.inf]))
+
 # ---- bad input --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad,match", [
