@@ -20,23 +20,17 @@ from proto import federation_pb2 as pb
 from .auth import Authenticator
 from .config import CoordinatorConfig
 from .limits import GuardInterceptor, RequestError
+from .dispatch import Dispatcher, node_down, node_error
 from .nodes import NodeClients
 from .registry import NodeRecord, Registry, UserRecord
-from .routing import NoNodeAvailable, NodeUnavailable, Route, Router
+from .routing import NoNodeAvailable, NodeUnavailable, Router, UnknownNode
 from .store import BundleIntegrityError, BundleNameError, BundleNotFound, BundleRangeError, BundleStore, StoreError
-from .tokens import TokenCodec
+from .tokens import Tokenizer
 from .traffic import Traffic
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Node failures after which the request is tried on another node.
-_NODE_DOWN = {grpc.StatusCode.UNAVAILABLE}
-# A node call that ran out its node timeout while the client still has this long left means a hung
-# node: fail over, as for a dead one. Less than this left, the client's own deadline is what ran out.
-_FAILOVER_MIN_LEFT_S = 1.0
-
 
 def _translate(err: Exception) -> RequestError | None:
     """The status a known exception maps to, or None for an unexpected one."""
@@ -46,6 +40,8 @@ def _translate(err: Exception) -> RequestError | None:
         return RequestError(grpc.StatusCode.UNAVAILABLE, str(err))
     if isinstance(err, NodeUnavailable):
         return RequestError(grpc.StatusCode.UNAVAILABLE, str(err))
+    if isinstance(err, UnknownNode):
+        return RequestError(grpc.StatusCode.NOT_FOUND, f"unknown node {err.node_id!r}")
     if isinstance(err, BundleNotFound):
         return RequestError(grpc.StatusCode.NOT_FOUND, str(err))
     if isinstance(err, BundleNameError):
@@ -55,6 +51,16 @@ def _translate(err: Exception) -> RequestError | None:
     if isinstance(err, (BundleIntegrityError, StoreError)):
         return RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(err))
     return None
+
+
+def not_found(message: str) -> RequestError:
+    """A NOT_FOUND error."""
+    return RequestError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def precondition(message: str) -> RequestError:
+    """A FAILED_PRECONDITION error."""
+    return RequestError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
 def handles_errors(fn):
@@ -86,27 +92,6 @@ def handles_stream_errors(fn):
     return wrapper
 
 
-def node_error(node: NodeRecord, err: grpc.aio.AioRpcError) -> RequestError:
-    """The status to return when ``node`` failed a call with ``err`` (and no failover applies)."""
-    code = err.code()
-    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return RequestError(code, f"node {node.node_id}: {code.name.lower()}")
-    return RequestError(grpc.StatusCode.INTERNAL, f"node {node.node_id} failed: {code.name}: {err.details()}")
-
-
-def node_down(err: grpc.aio.AioRpcError) -> bool:
-    """True when a node call failed because the node is gone (not because of the request)."""
-    return err.code() in _NODE_DOWN
-
-
-def _hung(err: grpc.aio.AioRpcError, time_left: Callable[[], float | None] | None) -> bool:
-    """True when a node call timed out on the node timeout rather than on the client's deadline."""
-    if time_left is None or err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-        return False
-    left = time_left()
-    return left is None or left > _FAILOVER_MIN_LEFT_S
-
-
 async def first_error(coros: list[Awaitable[T]]) -> list[T]:
     """Run ``coros`` concurrently; on the first failure cancel the rest and raise that failure."""
     try:
@@ -121,17 +106,18 @@ class Core:
     """The coordinator's shared state and helpers."""
 
     def __init__(self, config: CoordinatorConfig, *, registry: Registry, store: BundleStore, traffic: Traffic,
-                 codec: TokenCodec | None, guard: GuardInterceptor) -> None:
+                 tokenizer: Tokenizer | None, guard: GuardInterceptor) -> None:
         self.config = config
         self.registry = registry
         self.store = store
         self.traffic = traffic
-        self.codec = codec
+        self.tokenizer = tokenizer
         self.guard = guard
         self.auth = Authenticator(config.admin_token, config.node_token, registry.user_for_token_hash)
         self.clients = NodeClients(traffic, config.node_token, max_message_bytes=config.max_message_bytes,
                                    root_certificates=config.node_tls_ca.read_bytes() if config.node_tls_ca else None)
-        self.router = Router(registry, self.install)
+        self.router = Router(registry)
+        self.dispatch = Dispatcher(self.router, self.install, self.clients.forget, max_failover=config.max_failover)
         self.bos_id = self._special(config.bos_token)
         # Prefetch planning hook: given a node (after its heartbeat is recorded), the byte ranges it
         # should fetch next; sent in HeartbeatReply.prefetch. None ships no prefetch plan.
@@ -142,18 +128,18 @@ class Core:
         self._soup_tasks: set[asyncio.Task] = set()
 
     def _special(self, token: str | None) -> int | None:
-        if token is None or self.codec is None:
+        if token is None or self.tokenizer is None:
             return None
-        token_id = self.codec.token_id(token)
+        token_id = self.tokenizer.token_id(token)
         if token_id is None:
             raise ValueError(f"the tokenizer has no token {token!r}")
         return token_id
 
-    def require_codec(self) -> TokenCodec:
+    def require_tokenizer(self) -> Tokenizer:
         """The tokenizer, or FAILED_PRECONDITION when the coordinator was started without one."""
-        if self.codec is None:
+        if self.tokenizer is None:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "the coordinator has no tokenizer")
-        return self.codec
+        return self.tokenizer
 
     def timeout(self, context) -> float:
         """Seconds a node call may take: the node timeout, or less if the client's deadline is sooner."""
@@ -164,24 +150,27 @@ class Core:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         return min(self.config.node_timeout_s, remaining)
 
-    def user(self, user_id: str) -> UserRecord:
-        """The user, or NOT_FOUND."""
-        user = self.registry.get_user(user_id)
+    def user(self, user_id: str, *, with_adapter: bool = True) -> UserRecord:
+        """The user (``with_adapter=False``: without reading the adapter blob), or NOT_FOUND."""
+        user = self.registry.get_user(user_id, with_adapter=with_adapter)
         if user is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown user {user_id!r}")
         return user
 
     async def install(self, node: NodeRecord, user: UserRecord) -> None:
-        """Ship ``user``'s adapter to ``node`` (Node.LoadUser); NodeUnavailable when the node is gone."""
-        if not user.has_adapter:
+        """Ship ``user``'s adapter to ``node`` (Node.LoadUser); NodeUnavailable when the node is gone.
+
+        The blob is read here when ``user`` was read without it: only a request that moves or
+        reinstalls an adapter reads it."""
+        data = user.adapter if user.adapter is not None else self.registry.adapter(user.user_id)
+        if data is None:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"user {user.user_id!r} has no adapter")
         request = pb.LoadUserRequest(adapter=pb.Adapter(
-            user_id=user.user_id, format=user.adapter_format, data=user.adapter, sha256=user.adapter_sha256 or b""))
+            user_id=user.user_id, format=user.adapter_format, data=data, sha256=user.adapter_sha256 or b""))
         try:
-            await self.clients.unary(node, "LoadUser", request, kind=pb.BYTE_KIND_ADAPTER, user_id=user.user_id,
-                                     timeout=self.config.node_timeout_s)
+            await self.clients.load_user(node, request, timeout=self.config.node_timeout_s)
         except grpc.aio.AioRpcError as err:
-            if err.code() in _NODE_DOWN or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if node_down(err) or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise NodeUnavailable(node.node_id, err.code().name) from None
             raise node_error(node, err) from None
 
@@ -191,8 +180,8 @@ class Core:
         if node is None or not node.healthy:
             return
         try:
-            await self.clients.unary(node, "UnloadUser", pb.UnloadUserRequest(user_id=user_id),
-                                     kind=pb.BYTE_KIND_ADAPTER, user_id=user_id, timeout=self.config.node_timeout_s)
+            await self.clients.unload_user(node, pb.UnloadUserRequest(user_id=user_id),
+                                           timeout=self.config.node_timeout_s)
         except grpc.aio.AioRpcError:
             pass
 
@@ -216,51 +205,30 @@ class Core:
         if saved is None:
             return
         try:
-            await self.clients.unary(node, "InstantiateSoup", pb.InstantiateSoupRequest.FromString(saved),
-                                     kind=pb.BYTE_KIND_CONTROL, timeout=self.config.node_timeout_s)
+            await self.clients.instantiate_soup(node, pb.InstantiateSoupRequest.FromString(saved),
+                                                timeout=self.config.node_timeout_s)
         except grpc.aio.AioRpcError as err:
             log.warning("node %s: re-applying its soup instantiation failed (%s); retrying on its next "
                         "heartbeat", node.node_id, err.code().name)
             self.soup_pending.add(node.node_id)
 
-    async def take_out(self, node: NodeRecord) -> None:
-        """Take a node that failed a call out of routing (until its next healthy heartbeat)."""
-        self.router.mark_down(node.node_id)
-        await self.clients.forget(node.address)
+    def note_failover(self, failed_over: bool, user_id: str) -> None:
+        """Count a request that failed over (it is answered, from another node)."""
+        if failed_over:
+            self.traffic.failed_over(user_id)
 
-    async def with_failover(self, resolve: Callable[[Collection[str]], Awaitable[Route]],
-                            call: Callable[[Route], Awaitable[T]], *,
-                            time_left: Callable[[], float | None] | None = None) -> tuple[T, Route, bool]:
-        """Resolve a route and call it; a node that is down is marked so and another one tried.
-
-        Down means UNAVAILABLE, or (given ``time_left``, the client's remaining seconds, None for no
-        deadline) DEADLINE_EXCEEDED while the client still has time: the node hung past the node
-        timeout. A node that answers NOT_FOUND for the adapter it should hold (it restarted) gets the
-        adapter reinstalled once. Returns the result, the route used, and whether it failed over.
-        """
-        excluded: set[str] = set()
-        failed_over = False
-        reinstalled = False
-        for _ in range(self.config.max_failover + 2):
-            route = await resolve(excluded)
-            failed_over |= route.failed_over
-            try:
-                return await call(route), route, failed_over
-            except grpc.aio.AioRpcError as err:
-                if node_down(err) or _hung(err, time_left):
-                    await self.take_out(route.node)
-                    excluded.add(route.node.node_id)
-                    failed_over = True
-                    if len(excluded) > self.config.max_failover:
-                        break
-                    continue
-                if err.code() == grpc.StatusCode.NOT_FOUND and route.adapter_user_id and not reinstalled:
-                    await self.install(route.node, self.user(route.adapter_user_id))
-                    reinstalled = True
-                    continue
-                raise node_error(route.node, err) from None
-        raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                           f"no node could serve the request (tried {', '.join(sorted(excluded)) or 'none'})")
+    def stats(self, user_id: str | None) -> pb.Stats:
+        """Byte and request counters: the whole federation's (None), or one user's."""
+        stats = self.traffic.stats(user_id)
+        if user_id is None:
+            counters = self.guard.counters
+            stats.requests_ok = counters.ok.get("Federation", 0)
+            stats.requests_failed = counters.failed.get("Federation", 0)
+            stats.requests_shed = counters.shed.get("Federation", 0)
+            stats.requests_failed_over = self.traffic.requests_failed_over
+        else:
+            stats.requests_failed_over = self.traffic.requests_failed_over_by_user.get(user_id, 0)
+        return stats
 
     def request_counters(self) -> dict[str, int]:
         """The guard's outcome counters, flattened for persistence."""
@@ -297,7 +265,7 @@ class Core:
         """A user as ``UserInfo`` (never the token)."""
         node = self.registry.get_node(user.node_id) if user.node_id else None
         return pb.UserInfo(user_id=user.user_id, persona=user.persona, node_id=user.node_id or "",
-                           has_adapter=user.has_adapter, adapter_bytes=len(user.adapter or b""),
+                           has_adapter=user.has_adapter, adapter_bytes=user.adapter_bytes,
                            adapter_sha256=user.adapter_sha256 or b"",
                            node_state=node.state if node else pb.NODE_STATE_UNSPECIFIED)
 

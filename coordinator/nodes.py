@@ -60,13 +60,44 @@ class NodeClients:
         for address in list(self._channels):
             await self.forget(address)
 
-    async def unary(self, node: NodeRecord, method: str, request, *, kind: int, user_id: str = "",
-                    timeout: float | None = None):
-        """Call unary ``method`` of ``node``'s Node service and count both messages."""
-        call = getattr(self.stub(node.address), method)
+    async def score_tokens(self, node: NodeRecord, request: pb.ScoreTokensRequest, *, kind: int, user_id: str,
+                           timeout: float) -> pb.ScoreTokensReply:
+        """``Node.ScoreTokens``: the log-prob of each observed token (counted as ``kind``: score or mixture)."""
+        stub = self.stub(node.address)
+        return await self._counted(node, stub.ScoreTokens, request, kind=kind, user_id=user_id, timeout=timeout)
+
+    async def next_token_distribution(self, node: NodeRecord, request: pb.NextTokenRequest, *, user_id: str,
+                                      timeout: float) -> pb.NextTokenReply:
+        """``Node.NextTokenDistribution``: one step of a mixture's generation."""
+        stub = self.stub(node.address)
+        return await self._counted(node, stub.NextTokenDistribution, request, kind=pb.BYTE_KIND_GENERATE,
+                                   user_id=user_id, timeout=timeout)
+
+    async def load_user(self, node: NodeRecord, request: pb.LoadUserRequest, *, timeout: float) -> pb.LoadUserReply:
+        """``Node.LoadUser``: install a user's adapter on ``node``."""
+        stub = self.stub(node.address)
+        return await self._counted(node, stub.LoadUser, request, kind=pb.BYTE_KIND_ADAPTER,
+                                   user_id=request.adapter.user_id, timeout=timeout)
+
+    async def unload_user(self, node: NodeRecord, request: pb.UnloadUserRequest, *,
+                          timeout: float) -> pb.UnloadUserReply:
+        """``Node.UnloadUser``: drop a user's adapter from ``node``."""
+        stub = self.stub(node.address)
+        return await self._counted(node, stub.UnloadUser, request, kind=pb.BYTE_KIND_ADAPTER,
+                                   user_id=request.user_id, timeout=timeout)
+
+    async def instantiate_soup(self, node: NodeRecord, request: pb.InstantiateSoupRequest, *,
+                               timeout: float) -> pb.InstantiateSoupReply:
+        """``Node.InstantiateSoup``: a soup node instantiates the specialist for ``request``'s h."""
+        stub = self.stub(node.address)
+        return await self._counted(node, stub.InstantiateSoup, request, kind=pb.BYTE_KIND_CONTROL, timeout=timeout)
+
+    async def _counted(self, node: NodeRecord, method: grpc.aio.UnaryUnaryMultiCallable, request, *, kind: int,
+                       user_id: str = "", timeout: float):
+        # both messages are counted; a failed call still counts what was sent
         sent = request.ByteSize()
         try:
-            reply = await call(request, metadata=self._metadata, timeout=timeout)
+            reply = await method(request, metadata=self._metadata, timeout=timeout)
         except BaseException:
             self.traffic.count(kind, node.node_id, sent=sent, payload=_payload(request), user_id=user_id)
             raise
@@ -74,8 +105,8 @@ class NodeClients:
                            user_id=user_id)
         return reply
 
-    async def generate(self, node: NodeRecord, request: pb.NodeGenerateRequest, *, user_id: str = "",
-                       timeout: float | None = None) -> AsyncIterator[pb.NodeToken]:
+    async def generate(self, node: NodeRecord, request: pb.NodeGenerateRequest, *, user_id: str,
+                       timeout: float) -> AsyncIterator[pb.NodeToken]:
         """Stream ``Node.Generate`` from ``node``, counting each token; cancels the call if abandoned."""
         call = self.stub(node.address).Generate(request, metadata=self._metadata, timeout=timeout)
         self.traffic.count(pb.BYTE_KIND_GENERATE, node.node_id, sent=request.ByteSize(), user_id=user_id)

@@ -104,7 +104,11 @@ class NodeRecord:
 
 @dataclass(frozen=True)
 class UserRecord:
-    """A user as the registry holds it (the token only as its hash)."""
+    """A user as the registry holds it (the token only as its hash).
+
+    ``adapter`` is the blob, or None when the user has none or it was not read
+    (``get_user(..., with_adapter=False)``); ``has_adapter`` and ``adapter_bytes`` hold either way.
+    """
 
     user_id: str
     persona: str
@@ -113,11 +117,8 @@ class UserRecord:
     adapter: bytes | None
     adapter_sha256: bytes | None
     token_hash: bytes | None
-
-    @property
-    def has_adapter(self) -> bool:
-        """True when the store holds an adapter for this user."""
-        return self.adapter is not None
+    has_adapter: bool
+    adapter_bytes: int
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,10 @@ class RoutingRecord:
 
 _NODE_COLS = ("node_id, address, state, model, codec, last_heartbeat_ms, registered_ms, bundles, held_users, "
               "expert_mask, n_blocks, n_experts, inflight")
-_USER_COLS = "user_id, persona, node_id, adapter_format, adapter, adapter_sha256, token_hash"
+_USER_COLS = ("user_id, persona, node_id, adapter_format, adapter, adapter_sha256, token_hash, adapter IS NOT NULL, "
+              "COALESCE(length(adapter), 0)")
+# the same, without reading the blob
+_USER_COLS_NO_ADAPTER = _USER_COLS.replace("adapter_format, adapter,", "adapter_format, NULL,")
 
 
 def _node(row: tuple) -> NodeRecord:
@@ -141,9 +145,10 @@ def _node(row: tuple) -> NodeRecord:
 
 
 def _user(row: tuple) -> UserRecord:
-    user_id, persona, node_id, fmt, adapter, sha, token_hash = row
+    user_id, persona, node_id, fmt, adapter, sha, token_hash, has_adapter, size = row
     return UserRecord(user_id, persona, node_id, fmt, None if adapter is None else bytes(adapter),
-                      None if sha is None else bytes(sha), None if token_hash is None else bytes(token_hash))
+                      None if sha is None else bytes(sha), None if token_hash is None else bytes(token_hash),
+                      bool(has_adapter), size)
 
 
 class Registry:
@@ -242,10 +247,16 @@ class Registry:
                 self._db.execute("UPDATE users SET token_hash=? WHERE user_id=?", (token_hash, user_id))
         return self.get_user(user_id)
 
-    def get_user(self, user_id: str) -> UserRecord | None:
-        """The user, or None."""
-        row = self._db.execute(f"SELECT {_USER_COLS} FROM users WHERE user_id=?", (user_id,)).fetchone()
+    def get_user(self, user_id: str, *, with_adapter: bool = True) -> UserRecord | None:
+        """The user, or None; ``with_adapter=False`` leaves the adapter blob unread (``adapter`` None)."""
+        cols = _USER_COLS if with_adapter else _USER_COLS_NO_ADAPTER
+        row = self._db.execute(f"SELECT {cols} FROM users WHERE user_id=?", (user_id,)).fetchone()
         return None if row is None else _user(row)
+
+    def adapter(self, user_id: str) -> bytes | None:
+        """The user's adapter blob, or None (no such user, or no adapter)."""
+        row = self._db.execute("SELECT adapter FROM users WHERE user_id=?", (user_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
 
     def users(self, persona: str = "") -> list[UserRecord]:
         """All users (or those of ``persona``), by id."""

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from tokenizers import Tokenizer
+import tokenizers
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
@@ -33,7 +33,7 @@ from .limits import GuardInterceptor, server_options
 from .nodecontrol import NodeControlService
 from .registry import Registry, now_ms
 from .store import BundleStore
-from .tokens import HFTokenCodec, TokenCodec, load_token_codec
+from .tokens import HFTokenizer, Tokenizer, load_tokenizer
 from .traffic import Traffic
 
 log = logging.getLogger(__name__)
@@ -109,16 +109,17 @@ async def _every(seconds: float, action) -> None:
             log.exception("periodic task failed")
 
 
-async def serve(config: CoordinatorConfig, *, tokenizer: TokenCodec | Tokenizer | None = None) -> CoordinatorHandle:
+async def serve(config: CoordinatorConfig, *,
+                tokenizer: Tokenizer | tokenizers.Tokenizer | None = None) -> CoordinatorHandle:
     """Start a coordinator for ``config`` and return once it is listening.
 
     ``tokenizer`` (a ``tokenizers.Tokenizer``, or any object with encode/decode/vocab_size/token_id)
     overrides ``config.tokenizer_path``; with neither, Score and Generate answer FAILED_PRECONDITION.
     """
-    if isinstance(tokenizer, Tokenizer):
-        tokenizer = HFTokenCodec(tokenizer)
-    codec = tokenizer if tokenizer is not None else (
-        load_token_codec(config.tokenizer_path) if config.tokenizer_path is not None else None)
+    if isinstance(tokenizer, tokenizers.Tokenizer):
+        tokenizer = HFTokenizer(tokenizer)
+    elif tokenizer is None and config.tokenizer_path is not None:
+        tokenizer = load_tokenizer(config.tokenizer_path)
     registry = Registry(config.db_path)
     try:
         store = BundleStore(config.bundle_dir, chunk_size=config.chunk_size)
@@ -126,7 +127,7 @@ async def serve(config: CoordinatorConfig, *, tokenizer: TokenCodec | Tokenizer 
         traffic.load(registry.load_traffic())
         guard = GuardInterceptor({FEDERATION: config.max_concurrent_rpcs,
                                   NODE_CONTROL: config.max_concurrent_node_rpcs})
-        core = Core(config, registry=registry, store=store, traffic=traffic, codec=codec, guard=guard)
+        core = Core(config, registry=registry, store=store, traffic=traffic, tokenizer=tokenizer, guard=guard)
         core.restore_counters(registry.load_counters())
 
         server = grpc.aio.server(interceptors=[guard], options=server_options(config.max_message_bytes))

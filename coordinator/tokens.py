@@ -1,7 +1,7 @@
 """The coordinator's view of the tokenizer: text to token ids and back.
 
 The coordinator takes any object with ``encode(text) -> list[int]``, ``decode(ids) -> str`` and
-``vocab_size`` (dependency injection, so tests can pass their own); :func:`load_token_codec` wraps
+``vocab_size`` (dependency injection, so tests can pass their own); :func:`load_tokenizer` wraps
 a ``tokenizer.json`` (what model/tokenizer.py writes) loaded with ``tokenizers.Tokenizer``.
 """
 
@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from tokenizers import Tokenizer
+import tokenizers
 
 
-class TokenCodec(Protocol):
+class Tokenizer(Protocol):
     """What the coordinator needs of a tokenizer."""
 
     vocab_size: int
@@ -29,10 +29,10 @@ class TokenCodec(Protocol):
         """Id of a special token, or None."""
 
 
-class HFTokenCodec:
-    """A :class:`TokenCodec` over a ``tokenizers.Tokenizer``."""
+class HFTokenizer:
+    """A :class:`Tokenizer` over a ``tokenizers.Tokenizer``."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
@@ -49,9 +49,9 @@ class HFTokenCodec:
         return self._tok.token_to_id(token)
 
 
-def load_token_codec(path: str | Path) -> HFTokenCodec:
+def load_tokenizer(path: str | Path) -> HFTokenizer:
     """The tokenizer saved at ``path`` (a tokenizer.json)."""
-    return HFTokenCodec(Tokenizer.from_file(str(path)))
+    return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)))
 
 
 class IncrementalDecoder:
@@ -61,22 +61,22 @@ class IncrementalDecoder:
     ends in an incomplete character (U+FFFD) and released with the token that completes it.
     """
 
-    def __init__(self, codec: TokenCodec) -> None:
-        self._codec = codec
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
         self._ids: list[int] = []
         self._emitted = ""
 
     def push(self, token_id: int) -> str:
         """The new text that ``token_id`` completes (possibly empty)."""
         self._ids.append(token_id)
-        text = self._codec.decode(self._ids)
+        text = self._tokenizer.decode(self._ids)
         if text.endswith("\ufffd"):
             return ""
         return self._take(text)
 
     def flush(self) -> str:
         """Whatever is still held back, at the end of generation."""
-        return self._take(self._codec.decode(self._ids))
+        return self._take(self._tokenizer.decode(self._ids))
 
     def _take(self, text: str) -> str:
         # Byte-level decoding of a longer sequence extends the shorter one's complete text.

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import CoordinatorHandle, serve
-from coordinator.tokens import load_token_codec
+from coordinator.tokens import load_tokenizer
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 
@@ -209,7 +209,7 @@ async def start_coordinator(tmp: Path, **overrides) -> CoordinatorHandle:
 
 def encode(tmp: Path, text: str) -> list[int]:
     """Token ids of ``text`` with the test tokenizer (what the coordinator will send nodes)."""
-    return load_token_codec(tmp / "tokenizer.json").encode(text)
+    return load_tokenizer(tmp / "tokenizer.json").encode(text)
 
 
 @dataclass

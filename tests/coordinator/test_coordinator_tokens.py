@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from coordinator.tokens import HFTokenCodec, IncrementalDecoder, load_token_codec
+from coordinator.tokens import HFTokenizer, IncrementalDecoder, load_tokenizer
 
 
 def _byte_level(tmp_path=None) -> Tokenizer:
@@ -20,23 +20,23 @@ def _byte_level(tmp_path=None) -> Tokenizer:
     return tok
 
 
-CODEC = HFTokenCodec(_byte_level())
+TOKENIZER = HFTokenizer(_byte_level())
 
 
-def test_codec_round_trips_and_loads_from_file(tmp_path):
+def test_tokenizer_round_trips_and_loads_from_file(tmp_path):
     text = "the café – ok 🙂"
-    assert CODEC.decode(CODEC.encode(text)) == text
-    assert CODEC.token_id("<|endoftext|>") == 0 and CODEC.token_id("nope") is None
+    assert TOKENIZER.decode(TOKENIZER.encode(text)) == text
+    assert TOKENIZER.token_id("<|endoftext|>") == 0 and TOKENIZER.token_id("nope") is None
     path = tmp_path / "tokenizer.json"
     _byte_level().save(str(path))
-    loaded = load_token_codec(path)
-    assert loaded.encode(text) == CODEC.encode(text) and loaded.vocab_size == CODEC.vocab_size
+    loaded = load_tokenizer(path)
+    assert loaded.encode(text) == TOKENIZER.encode(text) and loaded.vocab_size == TOKENIZER.vocab_size
 
 
 def test_a_split_character_is_held_back_until_complete():
-    ids = CODEC.encode("é")
+    ids = TOKENIZER.encode("é")
     assert len(ids) == 2  # two UTF-8 bytes, two tokens
-    dec = IncrementalDecoder(CODEC)
+    dec = IncrementalDecoder(TOKENIZER)
     assert dec.push(ids[0]) == ""
     assert dec.push(ids[1]) == "é"
 
@@ -44,7 +44,7 @@ def test_a_split_character_is_held_back_until_complete():
 @settings(max_examples=50, deadline=None)
 @given(st.text(max_size=40))
 def test_pieces_concatenate_to_the_decoded_text(text):
-    ids = CODEC.encode(text)
-    dec = IncrementalDecoder(CODEC)
+    ids = TOKENIZER.encode(text)
+    dec = IncrementalDecoder(TOKENIZER)
     pieces = [dec.push(i) for i in ids]
-    assert "".join(pieces) + dec.flush() == CODEC.decode(ids) == text
+    assert "".join(pieces) + dec.flush() == TOKENIZER.decode(ids) == text
