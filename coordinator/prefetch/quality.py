@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.evaluate import target_logps
 from model.fractal_moe import FractalMoE
 
 
@@ -89,8 +90,7 @@ class PplComparison:
 
 def _position_nll(model: FractalMoE, ids: torch.Tensor, upto: int) -> torch.Tensor:
     """NLL (B, upto) of tokens 1..upto, each predicted from the tokens before it."""
-    logp = model(ids[:, :upto]).logits.double().log_softmax(dim=-1)  # (B, upto, V)
-    return -logp.gather(-1, ids[:, 1 : upto + 1, None])[..., 0]
+    return -target_logps(model(ids[:, :upto]).logits, ids[:, 1 : upto + 1])  # (B, upto)
 
 
 def _as_tokens(tokens: np.ndarray | torch.Tensor) -> torch.Tensor:
