@@ -1,32 +1,48 @@
 """Regenerate the committed gRPC code from proto/federation.proto.
 
-    python -m proto.generate            # rewrite proto/federation_pb2{,_grpc}.py and .pyi
+    python -m proto.generate            # rewrite proto/federation_pb2{,_grpc}.py and their .pyi stubs
     python -m proto.generate --check    # exit 1 when the committed code is stale
     python -m proto.generate --out DIR  # write elsewhere (what the freshness test does)
 
 protoc is run with the proto directory as its include root, so the descriptor is registered as
 "federation.proto" (what grpcurl and clients in other languages see), and the one import protoc
-writes into the _grpc module (`import federation_pb2`) is rewritten to a package-relative import.
-Needs grpcio-tools (a dev dependency); the generated code needs only grpcio and protobuf.
+writes into the _grpc module and its stub (`import federation_pb2`) is rewritten to a package-relative
+import. The .pyi type stubs come from mypy-protobuf's protoc plugins (protoc-gen-mypy and
+protoc-gen-mypy_grpc, installed beside the Python running this). Needs grpcio-tools and mypy-protobuf
+(dev dependencies); the generated code needs only grpcio and protobuf.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
 PROTO_FILE = "federation.proto"
-GENERATED = ("federation_pb2.py", "federation_pb2.pyi", "federation_pb2_grpc.py")
+GENERATED = ("federation_pb2.py", "federation_pb2.pyi", "federation_pb2_grpc.py", "federation_pb2_grpc.pyi")
 
-_ABSOLUTE_IMPORT = "import federation_pb2 as federation__pb2"
-_RELATIVE_IMPORT = "from . import federation_pb2 as federation__pb2"
+# module -> (the import protoc writes, the package-relative import it becomes)
+_RELATIVE_IMPORTS = {
+    "federation_pb2_grpc.py": ("import federation_pb2 as federation__pb2",
+                               "from . import federation_pb2 as federation__pb2"),
+    "federation_pb2_grpc.pyi": ("import federation_pb2 as _federation_pb2",
+                                "from . import federation_pb2 as _federation_pb2"),
+}
 
 
 class GenerateError(RuntimeError):
     """protoc failed, or its output did not have the expected shape."""
+
+
+def _plugin(name: str) -> str:
+    """The path of protoc plugin ``name``: beside this Python (a venv's bin/), else on PATH."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        raise GenerateError(f"{name} not found: install the dev extras (mypy-protobuf)")
+    return found
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -40,18 +56,22 @@ def generate(out_dir: Path) -> list[Path]:
         "grpc_tools.protoc",
         f"-I{PROTO_DIR}",
         f"-I{well_known}",
+        f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
         f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
+        f"--mypy_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
         str(PROTO_DIR / PROTO_FILE),
     ]
     if protoc.main(args) != 0:
         raise GenerateError(f"protoc failed on {PROTO_DIR / PROTO_FILE}")
-    grpc_module = out_dir / "federation_pb2_grpc.py"
-    source = grpc_module.read_text()
-    if _ABSOLUTE_IMPORT not in source:
-        raise GenerateError(f"expected {_ABSOLUTE_IMPORT!r} in the generated {grpc_module.name}")
-    grpc_module.write_text(source.replace(_ABSOLUTE_IMPORT, _RELATIVE_IMPORT))
+    for name, (absolute, relative) in _RELATIVE_IMPORTS.items():
+        module = out_dir / name
+        source = module.read_text()
+        if absolute not in source:
+            raise GenerateError(f"expected {absolute!r} in the generated {name}")
+        module.write_text(source.replace(absolute, relative))
     return [out_dir / name for name in GENERATED]
 
 

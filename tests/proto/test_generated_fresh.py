@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("grpc_tools")
+from proto import generate  # imports grpc_tools only when it generates
 
-from proto import generate  # noqa: E402
+pytest.importorskip("grpc_tools")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,8 +24,9 @@ def test_committed_code_matches_a_fresh_generation(tmp_path: Path) -> None:
         assert committed.read_bytes() == path.read_bytes(), f"{path.name} is stale: run `make proto`"
 
 
-def test_generated_grpc_module_imports_the_messages_package_relatively() -> None:
-    source = (REPO / "proto" / "federation_pb2_grpc.py").read_text()
+@pytest.mark.parametrize("name", ["federation_pb2_grpc.py", "federation_pb2_grpc.pyi"])
+def test_generated_grpc_module_imports_the_messages_package_relatively(name: str) -> None:
+    source = (REPO / "proto" / name).read_text()
     assert "from . import federation_pb2" in source
     assert "\nimport federation_pb2" not in source
 
