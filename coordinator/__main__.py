@@ -13,6 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
+from proto.message_limits import MAX_MESSAGE_BYTES
+
 from .config import KIB, MIB, CoordinatorConfig, CoordinatorConfigError
 
 
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-tls-ca", type=Path,
                    help="PEM CA certificate of the nodes' certificates: call every node over TLS")
     p.add_argument("--chunk-kib", type=int, default=256, help="bundle chunk size in KiB (default 256)")
-    p.add_argument("--max-message-mib", type=int, default=8, help="largest gRPC message in MiB (default 8)")
+    p.add_argument("--max-message-mib", type=int, default=MAX_MESSAGE_BYTES // MIB,
+                   help=f"largest gRPC message in MiB (default {MAX_MESSAGE_BYTES // MIB})")
     p.add_argument("--max-concurrent-rpcs", type=int, default=64, help="client RPCs in flight before shedding")
     p.add_argument("--max-text-chars", type=int, default=32_768, help="longest text or prompt accepted")
     p.add_argument("--max-tokens", type=int, default=4_096, help="most tokens in a scored text or prompt")

@@ -2,7 +2,8 @@
 
 Three kinds of token: per-user tokens (the coordinator stores only their SHA-256), the node token
 (NodeControl), the admin token (everything on Federation). Every comparison of secret material
-uses :func:`hmac.compare_digest`. Tokens travel as ``authorization: Bearer <token>`` metadata.
+uses :func:`hmac.compare_digest`. Tokens travel as ``authorization: Bearer <token>`` metadata, read
+by :func:`proto.auth_metadata.parse_bearer`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import grpc
 
-from .limits import RequestError
+from proto.auth_metadata import BearerError, parse_bearer
 
-_MAX_TOKEN_CHARS = 512
+from .limits import RequestError
 
 
 class Role(enum.Enum):
@@ -63,21 +64,10 @@ def _denied(message: str) -> RequestError:
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The token of the ``authorization: Bearer <token>`` metadata entry, else UNAUTHENTICATED."""
-    values = [v for k, v in (metadata or ()) if k.lower() == "authorization"]
-    if not values:
-        raise _unauthenticated("missing 'authorization: Bearer <token>' metadata")
-    if len(values) > 1:
-        raise _unauthenticated("more than one authorization header")
-    value = values[0]
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    scheme, _, token = value.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise _unauthenticated("authorization metadata must be 'Bearer <token>'")
-    if len(token) > _MAX_TOKEN_CHARS:
-        raise _unauthenticated("token too long")
-    return token
+    try:
+        return parse_bearer(metadata)
+    except BearerError as err:
+        raise _unauthenticated(str(err)) from None
 
 
 class Authenticator:
@@ -139,8 +129,3 @@ def require_user_access(principal: Principal, user_id: str) -> None:
 def server_credentials(cert_path: Path, key_path: Path) -> grpc.ServerCredentials:
     """TLS credentials for the coordinator from PEM files."""
     return grpc.ssl_server_credentials([(Path(key_path).read_bytes(), Path(cert_path).read_bytes())])
-
-
-def call_metadata(token: str) -> tuple[tuple[str, str], ...]:
-    """Request metadata carrying ``token``."""
-    return (("authorization", f"Bearer {token}"),)

@@ -21,6 +21,7 @@ from google.protobuf import json_format
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import bearer_metadata
 
 _MODES = {"uniform": pb.MIXTURE_MODE_UNIFORM, "posterior": pb.MIXTURE_MODE_POSTERIOR}
 _STATES = {"healthy": pb.NODE_STATE_HEALTHY, "draining": pb.NODE_STATE_DRAINING, "down": pb.NODE_STATE_DOWN,
@@ -252,7 +253,7 @@ def open_channel(address: str, tls_ca: str | None) -> grpc.Channel:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
-    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    metadata = bearer_metadata(args.token) if args.token else ()
 
     def call(method, request):
         return method(request, metadata=metadata, timeout=args.timeout)

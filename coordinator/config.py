@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto.message_limits import MAX_MESSAGE_BYTES, MIB
+
 KIB = 1024
-MIB = 1024 * KIB
 
 
 class CoordinatorConfigError(ValueError):
@@ -38,7 +39,7 @@ class CoordinatorConfig:
     # over TLS (and reaches no plaintext node). None: plaintext calls to nodes.
     node_tls_ca: Path | None = None
     chunk_size: int = 256 * KIB
-    max_message_bytes: int = 8 * MIB
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     # Cap on concurrent client (Federation) RPCs; excess is shed with RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 64
     # Separate cap for node traffic, so a client flood never starves heartbeats and bundle fetches.

@@ -9,14 +9,12 @@ and counts outcomes.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
 
-ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-BUNDLE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+from proto.ids import BUNDLE_NAME_PATTERN, ID_PATTERN, is_valid_bundle_name, is_valid_id
 
 
 class RequestError(Exception):
@@ -45,15 +43,15 @@ def check_id(value: str, what: str, *, allow_empty: bool = False) -> str:
         return value
     if not value:
         raise invalid(f"{what} is empty")
-    if not ID_RE.fullmatch(value):
-        raise invalid(f"{what} {_show(value)} is not a valid id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})")
+    if not is_valid_id(value):
+        raise invalid(f"{what} {_show(value)} is not a valid id ({ID_PATTERN})")
     return value
 
 
 def check_bundle_name(name: str) -> str:
     """``name`` if it is a valid bundle name (never a path), else INVALID_ARGUMENT."""
-    if not BUNDLE_NAME_RE.fullmatch(name or ""):
-        raise invalid(f"bundle name {_show(name)} is not valid ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})")
+    if not is_valid_bundle_name(name):
+        raise invalid(f"bundle name {_show(name)} is not valid ({BUNDLE_NAME_PATTERN})")
     return name
 
 
@@ -238,10 +236,3 @@ async def _checked_stream(requests: AsyncIterator, context) -> AsyncIterator:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(item))
         yield item
 
-
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """gRPC channel options bounding message sizes (an oversized message gets RESOURCE_EXHAUSTED)."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]

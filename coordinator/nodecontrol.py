@@ -9,6 +9,7 @@ import numpy as np
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.byte_counting import payload_bytes
 
 from .core import Core, handles_errors, handles_stream_errors
 from .limits import RequestError, check_bundle_name, check_enum, check_id, check_int, invalid
@@ -121,7 +122,7 @@ class NodeControlService(rpc.NodeControlServicer):
                 message = pb.BundleChunk(name=name, offset=offset, data=data, total_size=meta.size,
                                          sha256=meta.sha256)
                 # Counted before the write: a chunk handed to gRPC has left as far as the node can tell.
-                self.core.traffic.count(pb.BYTE_KIND_BUNDLE, node_id, sent=message.ByteSize(), payload=len(data))
+                self.core.traffic.count(pb.BYTE_KIND_BUNDLE, node_id, sent=message.ByteSize(), payload=payload_bytes(message))
                 yield message
         finally:
             chunks.close()
@@ -135,7 +136,7 @@ class NodeControlService(rpc.NodeControlServicer):
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"user {user.user_id!r} has no adapter")
         reply = pb.Adapter(user_id=user.user_id, format=user.adapter_format, data=user.adapter,
                            sha256=user.adapter_sha256 or b"")
-        self._count(node_id, request, reply, kind=pb.BYTE_KIND_ADAPTER, payload=len(user.adapter),
+        self._count(node_id, request, reply, kind=pb.BYTE_KIND_ADAPTER, payload=payload_bytes(reply),
                     user_id=user.user_id)
         return reply
 

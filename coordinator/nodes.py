@@ -14,18 +14,12 @@ import grpc
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import bearer_metadata
+from proto.byte_counting import payload_bytes
+from proto.message_limits import message_size_options
 
-from .auth import call_metadata
-from .limits import server_options
 from .registry import NodeRecord
 from .traffic import Traffic
-
-
-def _payload(message) -> int:
-    """Bulk bytes inside a message (adapter blobs)."""
-    if isinstance(message, pb.LoadUserRequest):
-        return len(message.adapter.data)
-    return 0
 
 
 class NodeClients:
@@ -34,8 +28,8 @@ class NodeClients:
     def __init__(self, traffic: Traffic, node_token: str, *, max_message_bytes: int,
                  root_certificates: bytes | None = None) -> None:
         self.traffic = traffic
-        self._metadata = call_metadata(node_token)
-        self._options = server_options(max_message_bytes)
+        self._metadata = bearer_metadata(node_token)
+        self._options = message_size_options(max_message_bytes)
         # TLS to every node when given the CA their certificates chain to
         self._credentials = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -99,9 +93,9 @@ class NodeClients:
         try:
             reply = await method(request, metadata=self._metadata, timeout=timeout)
         except BaseException:
-            self.traffic.count(kind, node.node_id, sent=sent, payload=_payload(request), user_id=user_id)
+            self.traffic.count(kind, node.node_id, sent=sent, payload=payload_bytes(request), user_id=user_id)
             raise
-        self.traffic.count(kind, node.node_id, sent=sent, received=reply.ByteSize(), payload=_payload(request),
+        self.traffic.count(kind, node.node_id, sent=sent, received=reply.ByteSize(), payload=payload_bytes(request),
                            user_id=user_id)
         return reply
 

@@ -20,10 +20,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from proto import federation_pb2 as pb
+from proto.model_labels import BASE_MODEL
 
 from .registry import NodeRecord, Registry, UserRecord
-
-BASE_MODEL = "base"
 
 
 class NoNodeAvailable(Exception):

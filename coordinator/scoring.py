@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 
 from proto import federation_pb2 as pb
+from proto.model_labels import model_label
 
 from .core import Core, first_error
 from .limits import RequestError
@@ -32,12 +33,12 @@ def check_logprobs(values, expected: int, node_id: str) -> np.ndarray:
     return a
 
 
-def model_label(route: Route) -> str:
-    """What scored a single-node request: "base", "adapter:<user>", "specialist:<name>[+adapter:<user>]"."""
-    model, adapter = route.node.model, route.adapter_user_id
-    if model == BASE_MODEL:
-        return f"adapter:{adapter}" if adapter else "base"
-    return f"specialist:{model}" + (f"+adapter:{adapter}" if adapter else "")
+def node_label(core: Core, route: Route) -> str:
+    """What scored a single-node request, as the node itself labels it (proto.model_labels): a soup
+    node's label carries the h it accepted, which the registry keeps."""
+    saved = core.registry.get_soup(route.node.node_id)
+    h = list(pb.InstantiateSoupRequest.FromString(saved).domain_weights) if saved is not None else None
+    return model_label(route.node.model, route.adapter_user_id, soup_h=h)
 
 
 async def score(core: Core, request: pb.ScoreRequest, context, *, user: UserRecord | None, ids: list[int],
@@ -79,7 +80,7 @@ async def _score_single(core: Core, request: pb.ScoreRequest, reply: pb.ScoreRep
     logps, route = await _score_tokens(core, decision, ids, pb.BYTE_KIND_SCORE, request.user_id, context)
     core.note_failover(route.failed_over, request.user_id)
     reply.node_id = route.node.node_id
-    reply.model = model_label(route)
+    reply.model = node_label(core, route)
     reply.failed_over = route.failed_over
     return logps
 

@@ -24,12 +24,13 @@ import tokenizers
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.message_limits import message_size_options
 
 from .auth import server_credentials
 from .config import CoordinatorConfig
 from .core import Core
 from .federation import FederationService
-from .limits import GuardInterceptor, server_options
+from .limits import GuardInterceptor
 from .nodecontrol import NodeControlService
 from .registry import Registry, now_ms
 from .store import BundleStore
@@ -130,7 +131,7 @@ async def serve(config: CoordinatorConfig, *,
         core = Core(config, registry=registry, store=store, traffic=traffic, tokenizer=tokenizer, guard=guard)
         core.restore_counters(registry.load_counters())
 
-        server = grpc.aio.server(interceptors=[guard], options=server_options(config.max_message_bytes))
+        server = grpc.aio.server(interceptors=[guard], options=message_size_options(config.max_message_bytes))
         rpc.add_FederationServicer_to_server(FederationService(core), server)
         rpc.add_NodeControlServicer_to_server(NodeControlService(core), server)
         health = health_aio.HealthServicer()

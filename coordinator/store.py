@@ -1,7 +1,7 @@
 """The bundle store: bundle files on disk by name, each with its size and SHA-256, shipped in chunks.
 
 Layout under the store's root: ``<name>.bundle`` (the bytes) and ``<name>.meta.json`` (size,
-sha256, model, codec). Names match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` and are never paths.
+sha256, model, codec). Names match ``proto.ids.BUNDLE_NAME_PATTERN`` and are never paths.
 Writes go to a temporary file and are renamed into place, so a reader never sees half a bundle,
 and a stream that opened the old file keeps reading the old bytes when a bundle is replaced.
 """
@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .limits import BUNDLE_NAME_RE
+from proto.ids import is_valid_bundle_name
 
 DEFAULT_CHUNK = 256 * 1024
 _HASH_BLOCK = 1024 * 1024
@@ -53,7 +53,7 @@ class BundleMeta:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not BUNDLE_NAME_RE.fullmatch(name):
+    if not is_valid_bundle_name(name):
         raise BundleNameError(f"bundle name {name!r:.60} is not valid ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})")
     return name
 
@@ -198,7 +198,7 @@ class BundleStore:
     def list(self) -> list[BundleMeta]:
         """Every bundle in the store, by name."""
         names = sorted(p.name[: -len(".bundle")] for p in self.root.glob("*.bundle"))
-        return [self.get(n) for n in names if BUNDLE_NAME_RE.fullmatch(n)]
+        return [self.get(n) for n in names if is_valid_bundle_name(n)]
 
     def delete(self, name: str) -> bool:
         """Remove a bundle; False when absent."""

@@ -38,15 +38,17 @@ import torch
 from model.codecs import CODECS
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import bearer_metadata
+from proto.ids import is_valid_id
+from proto.message_limits import message_size_options
 
-from .adapters import ID_RE
 from .assembly import WeightStore
 from .counting import ByteCounter, CountingChannel
 from .errors import NodeError
 from .fetch import FetchPolicy
 from .memory import rss_bytes
 from .runtime import ControlLink, NodeLimits, VirtualNode
-from .server import NodeServer, bearer_metadata, start_node_server
+from .server import NodeServer, start_node_server
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,7 @@ MAX_CONCURRENT_INSTALLS = 8  # per process (NodeHost): see its docstring
 REGISTER_ATTEMPTS = 4
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.DEADLINE_EXCEEDED}
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 8 * 1024 * 1024)]
+CHANNEL_OPTIONS = message_size_options()
 
 
 class SpecError(ValueError):
@@ -91,10 +92,10 @@ class NodeSpec:
         if extra:
             raise SpecError(f"node spec: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
         node_id = d.get("node_id")
-        if not isinstance(node_id, str) or not ID_RE.match(node_id):
+        if not is_valid_id(node_id):
             raise SpecError(f"node spec: node_id {node_id!r} is not a valid id")
         users = d.get("users", [])
-        if not isinstance(users, (list, tuple)) or not all(isinstance(u, str) and ID_RE.match(u) for u in users):
+        if not isinstance(users, (list, tuple)) or not all(is_valid_id(u) for u in users):
             raise SpecError(f"node spec {node_id}: users must be a list of valid ids")
         for key in ("model", "codec", "link"):
             if not isinstance(d.get(key, ""), str):

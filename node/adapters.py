@@ -15,7 +15,6 @@ virtual node that shares it: per user, only the adapter's own few KB are held.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +23,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from model.fractal_moe import is_norm_param
+from proto.ids import is_valid_id
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADAPTER_FORMAT = "safetensors"
 
 
@@ -59,7 +58,7 @@ def decode_adapter(user_id: str, data: bytes, expected: dict[str, tuple[int, ...
     unreadable blob, a tensor that is not a norm parameter of this model, a wrong shape or dtype,
     or a non-finite value.
     """
-    if not ID_RE.match(user_id or ""):
+    if not is_valid_id(user_id):
         raise AdapterError(f"invalid user id {user_id!r}")
     if fmt not in ("", ADAPTER_FORMAT):
         raise AdapterError(f"adapter format {fmt!r} is not supported (only {ADAPTER_FORMAT!r})")

@@ -1,8 +1,9 @@
 """Byte accounting at the node's gRPC boundary: every message it receives or sends, by kind.
 
 Counting happens where messages are (de)serialized, so the figures are the exact serialized
-protobuf sizes that crossed the socket (the same definition the coordinator's ``Stats`` uses),
-including messages whose handler later failed, and every message of a stream.
+protobuf sizes that crossed the socket, including messages whose handler later failed, and every
+message of a stream. What counts, under which kind, is ``proto.byte_counting``'s rule, the one the
+coordinator's ``Stats`` uses too.
 
 Two wrappers do it without touching the generated code:
 - :func:`add_counted_servicer` registers a servicer on a ``grpc.aio`` server with counting
@@ -10,9 +11,9 @@ Two wrappers do it without touching the generated code:
 - :class:`CountingChannel` wraps a client channel so that stubs built on it (``NodeControlStub``)
   count what they send and receive.
 
-The kind of a message is fixed by its RPC (:data:`KIND_OF_METHOD`). A node cannot tell a mixture's
-scoring call from a single-user one, so ``ScoreTokens`` is always counted as ``SCORE`` here; the
-coordinator, which knows, may count the same bytes as ``MIXTURE``.
+The kind of a message is fixed by its RPC (``proto.byte_counting.kind_of_method``). A node cannot
+tell a mixture's scoring call from a single-user one, so ``ScoreTokens`` is always counted as
+``SCORE`` here; the coordinator, which knows, may count the same bytes as ``MIXTURE``.
 """
 
 from __future__ import annotations
@@ -23,41 +24,7 @@ from typing import Any, Callable
 import grpc
 
 from proto import federation_pb2 as pb
-
-_PKG = "/fractal.federation.v1."
-
-KIND_OF_METHOD: dict[str, int] = {
-    _PKG + "Node/ScoreTokens": pb.BYTE_KIND_SCORE,
-    _PKG + "Node/NextTokenDistribution": pb.BYTE_KIND_GENERATE,
-    _PKG + "Node/Generate": pb.BYTE_KIND_GENERATE,
-    _PKG + "Node/LoadUser": pb.BYTE_KIND_ADAPTER,
-    _PKG + "Node/UnloadUser": pb.BYTE_KIND_ADAPTER,
-    _PKG + "Node/InstallBundles": pb.BYTE_KIND_CONTROL,
-    _PKG + "Node/Status": pb.BYTE_KIND_CONTROL,
-    _PKG + "NodeControl/Register": pb.BYTE_KIND_CONTROL,
-    _PKG + "NodeControl/Heartbeat": pb.BYTE_KIND_CONTROL,
-    _PKG + "NodeControl/FetchBundle": pb.BYTE_KIND_BUNDLE,
-    _PKG + "NodeControl/FetchAdapter": pb.BYTE_KIND_ADAPTER,
-    _PKG + "NodeControl/ReportRouting": pb.BYTE_KIND_CONTROL,
-}
-
-KIND_NAMES: dict[int, str] = {
-    pb.BYTE_KIND_BUNDLE: "bundle",
-    pb.BYTE_KIND_ADAPTER: "adapter",
-    pb.BYTE_KIND_SCORE: "score",
-    pb.BYTE_KIND_MIXTURE: "mixture",
-    pb.BYTE_KIND_GENERATE: "generate",
-    pb.BYTE_KIND_CONTROL: "control",
-}
-
-
-def payload_of(msg: Any) -> int:
-    """Bulk data carried by ``msg`` (bundle chunk bytes, adapter blobs), as the proto defines it."""
-    if isinstance(msg, pb.BundleChunk | pb.Adapter):
-        return len(msg.data)
-    if isinstance(msg, pb.LoadUserRequest):
-        return len(msg.adapter.data)
-    return 0
+from proto.byte_counting import kind_name, kind_of_method, payload_bytes
 
 
 @dataclass
@@ -104,7 +71,7 @@ class ByteCounter:
             "received": self.received,
             "total": self.sent + self.received,
             "by_kind": {
-                KIND_NAMES.get(k, str(k)): {"sent": c.sent, "received": c.received,
+                kind_name(k).lower(): {"sent": c.sent, "received": c.received,
                                             "messages": c.messages, "payload": c.payload}
                 for k, c in sorted(self.by_kind.items())
             },
@@ -120,7 +87,7 @@ def _counting_deserializer(counter: ByteCounter, kind: int,
                            deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
     def run(data: bytes) -> Any:
         msg = deserialize(data) if deserialize else data
-        counter.add(kind, received=len(data), payload=payload_of(msg))
+        counter.add(kind, received=len(data), payload=payload_bytes(msg))
         return msg
     return run
 
@@ -129,7 +96,7 @@ def _counting_serializer(counter: ByteCounter, kind: int,
                          serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
     def run(msg: Any) -> bytes:
         data = serialize(msg) if serialize else msg
-        counter.add(kind, sent=len(data), payload=payload_of(msg))
+        counter.add(kind, sent=len(data), payload=payload_bytes(msg))
         return data
     return run
 
@@ -156,7 +123,7 @@ def add_counted_servicer(add_fn: Callable[[Any, Any], None], servicer: Any, serv
     add_fn(servicer, collector)
     wrapped = {}
     for name, h in collector.handlers.items():
-        kind = KIND_OF_METHOD.get(f"/{collector.service}/{name}", pb.BYTE_KIND_CONTROL)
+        kind = kind_of_method(f"/{collector.service}/{name}")
         wrapped[name] = h._replace(
             request_deserializer=_counting_deserializer(counter, kind, h.request_deserializer),
             response_serializer=_counting_serializer(counter, kind, h.response_serializer),
@@ -178,7 +145,7 @@ class CountingChannel:
 
     def _wrap(self, factory: Callable, method: str, request_serializer=None, response_deserializer=None,
               **kwargs: Any) -> Any:
-        kind = KIND_OF_METHOD.get(method, pb.BYTE_KIND_CONTROL)
+        kind = kind_of_method(method)
         return factory(method,
                        request_serializer=_counting_serializer(self.counter, kind, request_serializer),
                        response_deserializer=_counting_deserializer(self.counter, kind, response_deserializer),

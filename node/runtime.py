@@ -14,7 +14,6 @@ that swaps the model mid-request never mixes two models in one answer.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +25,12 @@ import torch
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.ids import is_valid_bundle_name, is_valid_id
+from proto.model_labels import model_label
 
 from model.sampling import sample_token
 
-from .adapters import ID_RE, AdapterError, AdapterStore, UserAdapter, decode_adapter
+from .adapters import AdapterError, AdapterStore, UserAdapter, decode_adapter
 from .assembly import AssemblyError, DecodedBundle, ServedModel, WeightStore, decode_records, pack_mask, used_bundles
 from .counting import ByteCounter
 from .errors import InstallFailed, InvalidRequest, NoModel, UserNotLoaded
@@ -44,7 +45,6 @@ T = TypeVar("T")
 # gain; the event loop stays free for the gRPC servers while the thread computes.
 COMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-compute")
 
-BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,18 +83,13 @@ class InstallResult:
     seconds: float = 0.0
 
 
-def model_label(model_name: str) -> str:
-    """"base" or "specialist:<name>" as ScoreTokensReply.model spells it."""
-    return "base" if model_name in ("", "base") else f"specialist:{model_name}"
-
-
 class VirtualNode:
     """A federation node's state and behaviour, independent of transport and life cycle."""
 
     def __init__(self, node_id: str, *, store: WeightStore, model_name: str = "base",
                  limits: NodeLimits = NodeLimits(), control: ControlLink | None = None,
                  counter: ByteCounter | None = None) -> None:
-        if not ID_RE.match(node_id or ""):
+        if not is_valid_id(node_id):
             raise ValueError(f"invalid node id {node_id!r}")
         self.node_id = node_id
         self.model_name = model_name or "base"
@@ -126,7 +121,7 @@ class VirtualNode:
     def _adapter(self, user_id: str) -> UserAdapter | None:
         if not user_id:
             return None
-        if not ID_RE.match(user_id):
+        if not is_valid_id(user_id):
             raise InvalidRequest(f"invalid user id {user_id[:80]!r}")
         a = self.adapters.get(user_id)
         if a is None:
@@ -162,8 +157,8 @@ class VirtualNode:
 
     def label(self, user_id: str) -> str:
         """The ScoreTokensReply.model string for a request of ``user_id``."""
-        base = self.soup.label if self.soup is not None else model_label(self.model_name)
-        return f"{base}+adapter:{user_id}" if user_id else base
+        h = self.soup.domain_weights if self.soup is not None else None
+        return model_label(self.model_name, user_id, soup_h=h)
 
     # ----------------------------------------------------------------------------- serving
 
@@ -247,7 +242,7 @@ class VirtualNode:
 
     async def fetch_user(self, user_id: str) -> UserAdapter:
         """Fetch a user's adapter from the coordinator (NodeControl.FetchAdapter) and install it."""
-        if not ID_RE.match(user_id or ""):
+        if not is_valid_id(user_id):
             raise InvalidRequest(f"invalid user id {user_id[:80]!r}")
         self._model()
         if self.control is None:
@@ -270,7 +265,7 @@ class VirtualNode:
 
     def unload_user(self, user_id: str) -> bool:
         """Drop a user's adapter; True when the node held it."""
-        if not ID_RE.match(user_id or ""):
+        if not is_valid_id(user_id):
             raise InvalidRequest(f"invalid user id {user_id[:80]!r}")
         return self.adapters.pop(user_id)
 
@@ -308,7 +303,7 @@ class VirtualNode:
         if not refs:
             raise InvalidRequest("InstallBundles names no bundle")
         for ref in refs:
-            if not BUNDLE_NAME_RE.match(ref.name or ""):
+            if not is_valid_bundle_name(ref.name):
                 raise InvalidRequest(f"invalid bundle name {ref.name[:80]!r}")
             if ref.sha256 and len(ref.sha256) != 32:
                 raise InvalidRequest(f"bundle {ref.name!r}: sha256 must be 32 bytes, got {len(ref.sha256)}")

@@ -25,6 +25,8 @@ import torch
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import AUTH_HEADER, bearer_value
+from proto.message_limits import message_size_options
 
 from .counting import add_counted_servicer
 from .errors import InvalidRequest, NodeError, Unsupported
@@ -33,20 +35,15 @@ from .runtime import VirtualNode
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_CONCURRENT_RPCS = 64
 
 
-def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata presenting ``token``."""
-    return (("authorization", f"Bearer {token}"),)
-
-
 def token_matches(metadata, token: str) -> bool:
-    """True when ``metadata`` carries ``authorization: Bearer <token>`` (constant-time compare)."""
-    expected = f"Bearer {token}".encode()
+    """True when the first ``authorization`` entry of ``metadata`` is exactly ``Bearer <token>``
+    (constant-time compare; stricter than the coordinator's parse, since only the coordinator calls)."""
+    expected = bearer_value(token).encode()
     for key, value in metadata or ():
-        if key == "authorization":
+        if key == AUTH_HEADER:
             got = value.encode() if isinstance(value, str) else bytes(value)
             return hmac.compare_digest(got, expected)
     return False
@@ -168,9 +165,7 @@ async def start_node_server(node: VirtualNode, node_token: str, *, host: str = "
     """Serve ``node``'s Node service on ``host:port`` (0: a free port), every message counted; with
     ``tls`` = (private key PEM, certificate chain PEM), over TLS only."""
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.so_reuseport", 0)],
+        options=[*message_size_options(), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     add_counted_servicer(rpc.add_NodeServicer_to_server, NodeService(node, node_token), server, node.counter)

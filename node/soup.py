@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from model.soup_of_experts import SoupError, estimate_domain_weights
+from proto.model_labels import soup_label
 
 from .assembly import DecodedBundle, WeightStore
 from .errors import InvalidRequest
@@ -35,11 +36,6 @@ class SoupInstance:
         """JSON-able."""
         return {"bank": self.bank, "domains": list(self.domains), "domain_weights": self.domain_weights,
                 "alpha": self.alpha, "model": self.label}
-
-
-def soup_label(h: Sequence[float]) -> str:
-    """The model label of a specialist instantiated for domain weights ``h``."""
-    return "soup:h=" + ",".join(f"{v:.3f}" for v in h)
 
 
 def kept_h(bank: DecodedBundle, current: SoupInstance | None) -> torch.Tensor:

@@ -464,7 +464,9 @@ class ScoreReply(_message.Message):
     node_id: _builtins.str
     """Node that served a single-component score (empty for mixtures, see components)."""
     model: _builtins.str
-    """What scored it: "adapter:<user>", "base", "specialist:<name>", or "mixture"."""
+    """What scored it (proto/model_labels.py): "adapter:<user>", "base", "specialist:<name>[+adapter:<user>]",
+    "soup:h=...[+adapter:<user>]" (a Soup-of-Experts node), or "mixture".
+    """
     perplexity: _builtins.float
     """exp(-mean(logprobs))."""
     bits_per_char: _builtins.float
@@ -1664,7 +1666,10 @@ class ScoreTokensReply(_message.Message):
     ROUTES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     model: _builtins.str
-    """"base", "specialist:<name>", optionally followed by "+adapter:<user>"."""
+    """What scored it, as ScoreReply.model spells it (proto/model_labels.py): "base",
+    "adapter:<user>", "specialist:<name>" or "soup:h=...", the last two optionally followed by
+    "+adapter:<user>".
+    """
     routes: _builtins.bytes
     """Expert chosen per (block, position), n_blocks * n rows, one byte each, row-major (block,
     position); only with return_routes.

@@ -33,7 +33,9 @@ from node.adapters import encode_adapter
 from node.fetch import FetchPolicy
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import bearer_metadata
 from proto.bundle import write_bundle
+from proto.message_limits import MAX_MESSAGE_BYTES, message_size_options
 
 from . import soup
 from .actors import actor_groups, packing, process_memory, stop_actor
@@ -41,7 +43,10 @@ from .scenario import Scenario
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+# sim's own channels, proxies and benches accept twice the federation's cap, so that they are
+# never the limit a run measures.
+SIM_MAX_MESSAGE_BYTES = 2 * MAX_MESSAGE_BYTES
+CHANNEL_OPTIONS = message_size_options(SIM_MAX_MESSAGE_BYTES, send=False)
 
 
 class FederationError(RuntimeError):
@@ -131,11 +136,6 @@ def init_ray(address: str = "") -> bool:
                 where = address or "a local Ray"
                 raise FederationError(f"Ray did not start ({where}): {str(exc).splitlines()[0]}") from None
     return True
-
-
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    """gRPC metadata carrying a bearer token."""
-    return (("authorization", f"Bearer {token}"),)
 
 
 async def serve_again(config: CoordinatorConfig) -> CoordinatorHandle:
@@ -255,11 +255,11 @@ class LocalFederation:
             blob = encode_adapter(self.suite.adapter_state(user))
             adapter = pb.Adapter(user_id=user, format="safetensors", data=blob, sha256=hashlib.sha256(blob).digest())
             reply = await self.stub.PutUser(pb.PutUserRequest(user_id=user, persona=personas[user], adapter=adapter,
-                                                              rotate_token=True), metadata=bearer(self.admin_token))
+                                                              rotate_token=True), metadata=bearer_metadata(self.admin_token))
             self.user_tokens[user] = reply.token
         for user in self.suite.unknown_users:
             reply = await self.stub.PutUser(pb.PutUserRequest(user_id=user, persona=personas[user], rotate_token=True),
-                                            metadata=bearer(self.admin_token))
+                                            metadata=bearer_metadata(self.admin_token))
             self.user_tokens[user] = reply.token
 
     def start_ray(self) -> None:
@@ -315,7 +315,7 @@ class LocalFederation:
         t0 = time.monotonic()
         while True:
             reply = await self.stub.ListNodes(pb.ListNodesRequest(state=pb.NODE_STATE_HEALTHY),
-                                              metadata=bearer(self.admin_token))
+                                              metadata=bearer_metadata(self.admin_token))
             if len(reply.nodes) >= n:
                 return
             if time.monotonic() - t0 > timeout:
@@ -330,7 +330,7 @@ class LocalFederation:
         async def one(user: str, node_id: str) -> None:
             async with sem:
                 await self.stub.AssignUser(pb.AssignUserRequest(user_id=user, node_id=node_id),
-                                           metadata=bearer(self.admin_token))
+                                           metadata=bearer_metadata(self.admin_token))
         await asyncio.gather(*(one(u, p.node_id) for p in self.plans for u in p.users))
 
     async def specialise_soup_nodes(self) -> None:
@@ -421,12 +421,12 @@ class LocalFederation:
     # ---- helpers for the workload -----------------------------------------------------------
     def token(self, user: str) -> tuple[tuple[str, str]]:
         """Metadata for ``user``'s own bearer token (the admin's for "")."""
-        return bearer(self.user_tokens[user] if user else self.admin_token)
+        return bearer_metadata(self.user_tokens[user] if user else self.admin_token)
 
     @property
     def admin(self) -> tuple[tuple[str, str]]:
         """Metadata carrying the admin token."""
-        return bearer(self.admin_token)
+        return bearer_metadata(self.admin_token)
 
     def actor_count(self) -> int:
         """Ray actors hosting the nodes."""

@@ -46,9 +46,8 @@ from node.actor import NodeHost
 from node.adapters import encode_adapter
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import bearer_metadata
 from proto.bundle import write_bundle
-
-from .federation import bearer
 
 LOOPBACK = "127.0.0.1"
 KINDS = ("score", "generate", "mixed")
@@ -170,10 +169,10 @@ class LoadRig:
                 blob = encode_adapter({n: p + 0.1 * torch.randn(p.shape, generator=g) for n, p in norms.items()})
                 user = f"user-{u:04d}"
                 reply = await stub.PutUser(pb.PutUserRequest(user_id=user, adapter=pb.Adapter(
-                    data=blob, sha256=hashlib.sha256(blob).digest())), metadata=bearer(self.admin_token))
+                    data=blob, sha256=hashlib.sha256(blob).digest())), metadata=bearer_metadata(self.admin_token))
                 self.tokens[user] = reply.token
                 await stub.AssignUser(pb.AssignUserRequest(user_id=user, node_id=f"load-{u % cfg.nodes:03d}"),
-                                      metadata=bearer(self.admin_token))
+                                      metadata=bearer_metadata(self.admin_token))
 
     async def stop(self) -> None:
         """Stop the nodes and the coordinator; remove the temporary files."""
@@ -189,7 +188,7 @@ class LoadRig:
         """The i-th request: a user (in turn) scoring or generating with their own token."""
         users = sorted(self.tokens)
         user = users[i % len(users)]
-        text, meta, timeout = self.texts[i % len(self.texts)], bearer(self.tokens[user]), self.cfg.timeout_s
+        text, meta, timeout = self.texts[i % len(self.texts)], bearer_metadata(self.tokens[user]), self.cfg.timeout_s
         if kind == "generate" or (kind == "mixed" and i % 4 == 3):
             request = pb.GenerateRequest(user_id=user, prompt=text, max_new_tokens=self.cfg.generate_tokens,
                                          temperature=0.8, top_k=20, seed=i)
@@ -203,7 +202,7 @@ class LoadRig:
     async def stats(self) -> pb.Stats:
         """The coordinator's own counters."""
         async with grpc.aio.insecure_channel(self.handle.address) as ch:
-            return await rpc.FederationStub(ch).GetStats(pb.GetStatsRequest(), metadata=bearer(self.admin_token))
+            return await rpc.FederationStub(ch).GetStats(pb.GetStatsRequest(), metadata=bearer_metadata(self.admin_token))
 
     async def alive(self) -> bool:
         """A health check and a valid request both succeed."""
@@ -211,7 +210,7 @@ class LoadRig:
             health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
             user = sorted(self.tokens)[0]
             reply = await rpc.FederationStub(ch).Score(pb.ScoreRequest(user_id=user, text=self.texts[0]),
-                                                       metadata=bearer(self.tokens[user]), timeout=30)
+                                                       metadata=bearer_metadata(self.tokens[user]), timeout=30)
         serving = health.status == health_pb2.HealthCheckResponse.SERVING
         return serving and len(reply.logprobs) == self.cfg.text_words - 1
 

@@ -14,17 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from proto import federation_pb2 as pb
+from proto.byte_counting import kind_name
 
 from . import network
 from .network import COORDINATOR, LinkProfile, TransferSimulator
 
 MBIT = 1_000_000
 DOWN_KINDS = ("BUNDLE", "ADAPTER")  # what is shipped to a node before it serves
-
-
-def kind_name(kind: int) -> str:
-    """``BYTE_KIND_BUNDLE`` -> ``BUNDLE``."""
-    return pb.ByteKind.Name(kind).removeprefix("BYTE_KIND_")
 
 
 def _kinds(rows) -> dict:

@@ -23,14 +23,16 @@ from node.assembly import decode_bundle, decode_records
 from node.fetch import FetchPolicy, fetch_bundle
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import bearer_metadata
 from proto.bundle import encode_bundle, read_bundle_verified
+from proto.message_limits import message_size_options
 
+from ..federation import SIM_MAX_MESSAGE_BYTES
 from .core import BenchError, BenchResult, abest_of, best_of
 
 MB = 1e6
 BARE_METHOD = "/fractal.bench.Bare/Stream"
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 16 * 1024 * 1024)]
+CHANNEL_OPTIONS = message_size_options(SIM_MAX_MESSAGE_BYTES)
 
 
 def random_bundle(shape: str, expert_codec: str, *, seed: int, other_codec: str = "fp16") -> bytes:
@@ -125,7 +127,7 @@ class ShipRig:
     def __init__(self, ctx, data: bytes) -> None:
         self.ctx, self.data = ctx, data
         self.node_token = secrets.token_urlsafe(24)
-        self.meta = (("authorization", f"Bearer {self.node_token}"),)
+        self.meta = bearer_metadata(self.node_token)
         self.cpu: dict[str, list[float]] = {"coordinator": [], "bare": [], "node": []}  # process CPU s per fetch
 
     async def __aenter__(self) -> "ShipRig":

@@ -9,8 +9,10 @@ import grpc
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import auth_entries
+from proto.message_limits import message_size_options
 
-from ..federation import CHANNEL_OPTIONS
+from ..federation import CHANNEL_OPTIONS, SIM_MAX_MESSAGE_BYTES
 
 NODE_CONTROL = pb.DESCRIPTOR.services_by_name["NodeControl"]
 
@@ -60,7 +62,7 @@ class FaultyLink:
     async def start(self) -> str:
         """Listen on a free loopback port; returns host:port."""
         self.channel = grpc.aio.insecure_channel(self.upstream, options=CHANNEL_OPTIONS)
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS + [("grpc.max_send_message_length", 16 << 20)])
+        self.server = grpc.aio.server(options=message_size_options(SIM_MAX_MESSAGE_BYTES))
         handlers = {}
         for m in NODE_CONTROL.methods:
             if m.server_streaming:
@@ -85,7 +87,7 @@ class FaultyLink:
 
     @staticmethod
     def _auth(context) -> list[tuple[str, str]]:
-        return [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
+        return auth_entries(context.invocation_metadata())
 
     def _forwarder(self, path: str):
         call = self.channel.unary_unary(path)  # no (de)serializers: bytes pass through untouched

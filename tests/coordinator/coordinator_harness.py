@@ -21,6 +21,8 @@ from coordinator.server import CoordinatorHandle, serve
 from coordinator.tokens import load_tokenizer
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import bearer_metadata
+from proto.model_labels import model_label
 
 ADMIN = "admin-token-0123456789abcdef"
 NODE = "node-token-0123456789abcdef"
@@ -30,7 +32,7 @@ ADAPTER_BONUS = 2.0
 
 def meta(token: str) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying ``token``."""
-    return (("authorization", f"Bearer {token}"),)
+    return bearer_metadata(token)
 
 
 def write_tokenizer(path: Path) -> Path:
@@ -86,7 +88,7 @@ class FakeNodeService(rpc.NodeServicer):
         self.cancelled = asyncio.Event()
 
     def _auth(self, context) -> None:
-        if (("authorization", f"Bearer {NODE}") not in tuple(context.invocation_metadata())):
+        if bearer_metadata(NODE)[0] not in tuple(context.invocation_metadata()):
             raise PermissionError
 
     def _table(self, user_id: str) -> np.ndarray | None:
@@ -111,7 +113,8 @@ class FakeNodeService(rpc.NodeServicer):
     async def ScoreTokens(self, request, context):
         table = await self._prologue("ScoreTokens", context, request.user_id)
         lp = expected_logps(table, list(request.token_ids))
-        return pb.ScoreTokensReply(logprobs=lp.tolist(), node_id=self.node_id, model="base")
+        return pb.ScoreTokensReply(logprobs=lp.tolist(), node_id=self.node_id,
+                                   model=model_label("base", request.user_id))
 
     async def NextTokenDistribution(self, request, context):
         table = await self._prologue("NextTokenDistribution", context, request.user_id)

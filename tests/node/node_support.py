@@ -22,9 +22,10 @@ from node.assembly import DecodedBundle
 from proto import federation_pb2 as pb
 from proto.bundle import encode_bundle
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import AUTH_HEADER, bearer_metadata, bearer_value
 
 TOKEN = "node-token-for-tests"
-META = (("authorization", f"Bearer {TOKEN}"),)
+META = bearer_metadata(TOKEN)
 TINY = PRESETS["tiny"].model
 
 
@@ -112,7 +113,7 @@ class FakeCoordinator(rpc.NodeControlServicer):
 
     async def _auth(self, context) -> None:
         md = dict(context.invocation_metadata())
-        if not hmac.compare_digest(md.get("authorization", ""), f"Bearer {TOKEN}"):
+        if not hmac.compare_digest(md.get(AUTH_HEADER, ""), bearer_value(TOKEN)):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad node token")
 
     async def Register(self, request, context):

@@ -148,7 +148,7 @@ def test_adapters_are_isolated_between_users_even_concurrently():
     users, replies, unloaded, again, gone = run_with_node(body)
     for u, r in zip(users, replies):
         assert torch.allclose(torch.tensor(r.logprobs, dtype=torch.float64), expect[u], atol=1e-5), u
-        assert r.model == ("base" if not u else f"base+adapter:{u}")
+        assert r.model == ("base" if not u else f"adapter:{u}")  # proto.model_labels: the coordinator's form
     assert unloaded and not again and gone == grpc.StatusCode.NOT_FOUND
 
 

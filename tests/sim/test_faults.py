@@ -18,6 +18,7 @@ from model.fractal_moe import build_model
 from node.fetch import FetchError, FetchPolicy, fetch_bundle
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.auth_metadata import bearer_metadata
 from proto.bundle import encode_bundle, read_manifest
 from sim.faults import (Answer, FaultError, FaultSettings, FaultyLink, LinkFaults, answer_diff, run_faults,
                         summarise_requests)
@@ -26,7 +27,7 @@ from sim.scenario import load, override
 
 SCENARIOS = sorted(Path(__file__).resolve().parents[2].glob("scenarios/*fault*.toml"))
 NODE_TOKEN = "node-token-for-fault-tests"
-META = (("authorization", f"Bearer {NODE_TOKEN}"),)
+META = bearer_metadata(NODE_TOKEN)
 DATA = encode_bundle(encode_state_dict(build_model(PRESETS["tiny"].model, 1).state_dict(), expert_codec="int8",
                                        other_codec="fp16"), {"model": "base"})
 MANIFEST = read_manifest(DATA)
