@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 NODES ?= 32
 
-.PHONY: run test setup setup-dev proto bench clean
+.PHONY: run test lint setup setup-dev proto bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,9 +26,15 @@ setup-dev: $(VENV)/.setup-dev
 run: setup
 	$(BIN)/python -m sim.run --nodes $(NODES)
 
+# ruff (style, imports, likely bugs) and mypy (types of proto, model, node, coordinator, sim), both
+# configured in pyproject.toml; `make test` runs them first, so CI does
+lint: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 # one OpenMP thread per process: tests, Ray actors and servers share 2 cores, and oversubscribed
 # torch threads make small models tens of times slower
-test: setup-dev
+test: lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 # Regenerate the committed gRPC code from proto/federation.proto.
