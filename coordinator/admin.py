@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import grpc
@@ -47,10 +48,8 @@ class AdminRPCs:
         if adapter is not None and user.node_id:
             node = self.core.registry.get_node(user.node_id)
             if node is not None and node.healthy:
-                try:
+                with contextlib.suppress(Exception):  # the next request reinstalls it (NOT_FOUND path)
                     await self.core.install(node, user)
-                except Exception:  # noqa: BLE001 - the next request reinstalls it (NOT_FOUND path)
-                    pass
         return pb.PutUserReply(user=self.core.user_info(user), token=token)
 
     @handles_errors

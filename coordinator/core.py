@@ -8,6 +8,7 @@ adapter, and turn exceptions into status codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
@@ -19,11 +20,11 @@ from proto import federation_pb2 as pb
 
 from .auth import Authenticator
 from .config import CoordinatorConfig
-from .limits import GuardInterceptor, RequestError
 from .dispatch import Dispatcher, node_down, node_error
+from .limits import GuardInterceptor, RequestError
 from .nodes import NodeClients
 from .registry import NodeRecord, Registry, UserRecord
-from .routing import NoNodeAvailable, NodeUnavailable, Router, UnknownNode
+from .routing import NodeUnavailable, NoNodeAvailable, Router, UnknownNode
 from .store import BundleIntegrityError, BundleNameError, BundleNotFound, BundleRangeError, BundleStore, StoreError
 from .tokens import Tokenizer
 from .traffic import Traffic
@@ -69,7 +70,7 @@ def handles_errors(fn):
     async def wrapper(self, request, context):
         try:
             return await fn(self, request, context)
-        except Exception as err:  # noqa: BLE001 - translated or re-raised below
+        except Exception as err:  # translated or re-raised below
             mapped = _translate(err)
             if mapped is None:
                 raise
@@ -84,7 +85,7 @@ def handles_stream_errors(fn):
         try:
             async for item in fn(self, request, context):
                 yield item
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             mapped = _translate(err)
             if mapped is None:
                 raise
@@ -179,11 +180,9 @@ class Core:
         node = self.registry.get_node(node_id) if node_id else None
         if node is None or not node.healthy:
             return
-        try:
+        with contextlib.suppress(grpc.aio.AioRpcError):
             await self.clients.unload_user(node, pb.UnloadUserRequest(user_id=user_id),
                                            timeout=self.config.node_timeout_s)
-        except grpc.aio.AioRpcError:
-            pass
 
     def note_registered(self, node_id: str) -> None:
         """A node (re)registered: if it accepted an InstantiateSoup before, re-apply it once it is healthy."""

@@ -16,8 +16,7 @@ from .admin import AdminRPCs
 from .auth import Principal, require_user_access
 from .core import Core, handles_errors, handles_stream_errors, not_found, precondition
 from .generation import generate_mixture, generate_single
-from .limits import (check_enum, check_float, check_id, check_int, check_prior, check_text, check_token_count,
-                     invalid)
+from .limits import check_enum, check_float, check_id, check_int, check_prior, check_text, check_token_count, invalid
 from .registry import UserRecord
 from .scoring import score
 

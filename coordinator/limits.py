@@ -161,7 +161,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, caps: dict[str, int]) -> None:
         self.caps = dict(caps)
-        self.inflight = {name: 0 for name in caps}
+        self.inflight = dict.fromkeys(caps, 0)
         self.counters = RequestCounters()
 
     async def intercept_service(self, continuation, handler_call_details):

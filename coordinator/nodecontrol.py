@@ -122,7 +122,8 @@ class NodeControlService(rpc.NodeControlServicer):
                 message = pb.BundleChunk(name=name, offset=offset, data=data, total_size=meta.size,
                                          sha256=meta.sha256)
                 # Counted before the write: a chunk handed to gRPC has left as far as the node can tell.
-                self.core.traffic.count(pb.BYTE_KIND_BUNDLE, node_id, sent=message.ByteSize(), payload=payload_bytes(message))
+                self.core.traffic.count(pb.BYTE_KIND_BUNDLE, node_id, sent=message.ByteSize(),
+                                        payload=payload_bytes(message))
                 yield message
         finally:
             chunks.close()

@@ -17,10 +17,10 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
+import tokenizers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-import tokenizers
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
@@ -106,7 +106,7 @@ async def _every(seconds: float, action) -> None:
         await asyncio.sleep(seconds)
         try:
             action()
-        except Exception:  # noqa: BLE001 - a periodic chore must not kill the server
+        except Exception:  # a periodic chore must not kill the server
             log.exception("periodic task failed")
 
 

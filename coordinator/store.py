@@ -70,7 +70,7 @@ def file_sha256(path: Path) -> bytes:
 class BundleWriter:
     """Receives a bundle in contiguous pieces; :meth:`commit` verifies size and SHA-256 and installs it."""
 
-    def __init__(self, store: "BundleStore", name: str, size: int, sha256: bytes, model: str, codec: str) -> None:
+    def __init__(self, store: BundleStore, name: str, size: int, sha256: bytes, model: str, codec: str) -> None:
         self._store, self.name, self.size, self.sha256 = store, name, size, sha256
         self.model, self.codec = model, codec
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=store.root)
@@ -210,7 +210,7 @@ class BundleStore:
         return existed
 
     def read_chunks(self, name: str, offset: int = 0, length: int = 0,
-                    chunk_size: int | None = None) -> tuple[BundleMeta, "ChunkReader"]:
+                    chunk_size: int | None = None) -> tuple[BundleMeta, ChunkReader]:
         """Metadata and a :class:`ChunkReader` of (offset, bytes) chunks of ``[offset, offset+length)``.
 
         ``length`` 0 means to the end. The file is opened before returning, so the chunks come
@@ -230,11 +230,11 @@ class ChunkReader:
     """Iterates (offset, bytes) chunks of an open bundle file; :meth:`close` releases the file."""
 
     def __init__(self, path: Path, name: str, start: int, end: int, step: int) -> None:
-        self._file = open(path, "rb")
+        self._file = open(path, "rb")  # noqa: SIM115 - the reader owns the file until close()
         self._file.seek(start)
         self.name, self.pos, self.end, self.step = name, start, end, step
 
-    def __iter__(self) -> "ChunkReader":
+    def __iter__(self) -> ChunkReader:
         return self
 
     def __next__(self) -> tuple[int, bytes]:

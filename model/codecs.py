@@ -27,17 +27,17 @@ documented byte by byte in docs/bundle-format.md (section "Codec payloads").
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .entropy_coding import EntropyCodingError, decode_symbols, encode_symbols
 from .config import ModelConfig
+from .entropy_coding import EntropyCodingError, decode_symbols, encode_symbols
 from .fractal_moe import expert_of
 
 CODECS: tuple[str, ...] = (
@@ -276,7 +276,7 @@ def _encode_values(name: str, w: torch.Tensor, keep: torch.Tensor | None, values
         q = q if keep is None else q[keep]
         return mask + s.numpy().tobytes() + q.numpy().tobytes(), {}
     trits, s = ternarise(w, keep, TERNARY_GROUP_ROWS)
-    meta = {"group_rows": TERNARY_GROUP_ROWS} if TERNARY_GROUP_ROWS and TERNARY_GROUP_ROWS < w.shape[0] else {}
+    meta = {"group_rows": TERNARY_GROUP_ROWS} if TERNARY_GROUP_ROWS and w.shape[0] > TERNARY_GROUP_ROWS else {}
     if values == "ternary":
         return s.numpy().tobytes() + pack_trits(trits), meta
     return s.numpy().tobytes() + encode_symbols((trits.reshape(-1) + 1).numpy(), 3), meta
@@ -463,12 +463,12 @@ def codec_throughput(sd: Mapping[str, torch.Tensor], codecs: Iterable[str] = COD
     mb = sum(v.numel() for v in experts.values()) * 4 / 1e6
     result: dict[str, dict[str, float]] = {}
     for codec in codecs:
-        enc_s, encoded = _timed(lambda: [encode_tensor(k, v, codec) for k, v in experts.items()], repeats)
+        enc_s, encoded = _timed(lambda codec=codec: [encode_tensor(k, v, codec) for k, v in experts.items()], repeats)
         copy_s = dec_s = math.inf
         [decode_tensor(e) for e in encoded]  # warm-up: the allocator's first pages cost page faults
         for _ in range(repeats):  # interleaved, so a busy machine slows both alike
             copy_s = min(copy_s, _timed(lambda: [v.clone() for v in experts.values()], 1)[0])
-            dec_s = min(dec_s, _timed(lambda: [decode_tensor(e) for e in encoded], 1)[0])
+            dec_s = min(dec_s, _timed(lambda encoded=encoded: [decode_tensor(e) for e in encoded], 1)[0])
         result[codec] = {
             "encode_MBps": mb / enc_s, "decode_MBps": mb / dec_s, "copy_MBps": mb / copy_s,
             "decode_over_copy": copy_s / dec_s,

@@ -92,7 +92,7 @@ class Preset:
                  f"preset {self.name!r}: corpus_chars/eval_chars too small")
         _require(self.users_per_persona >= 1, f"preset {self.name!r}: users_per_persona must be >= 1")
 
-    def with_seed(self, seed: int) -> "Preset":
+    def with_seed(self, seed: int) -> Preset:
         """The same preset with every training seed derived from ``seed``."""
         return dataclasses.replace(
             self,

@@ -37,7 +37,7 @@ import re
 import sysconfig
 import zlib
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cache, cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -487,7 +487,7 @@ class Vocabulary:
         return self.first[ids[0]] + "".join(self.emit[a][b] for a, b in zip(ids, ids[1:]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _vocabulary(persona: str) -> Vocabulary:
     return Vocabulary(PERSONA_SPECS[persona])
 

@@ -21,7 +21,7 @@ class EntropyCodingError(ValueError):
     """An entropy-coded stream does not decode to the number of symbols it claims."""
 
 
-def _model(counts: np.ndarray) -> "constriction.stream.model.Categorical":
+def _model(counts: np.ndarray) -> constriction.stream.model.Categorical:
     # Encoder and decoder build the model from the same integer counts with the same float
     # arithmetic, so the quantised model (and thus the code) is identical on both sides.
     probs = counts.astype(np.float64) / max(int(counts.sum()), 1)
@@ -65,7 +65,7 @@ def decode_symbols(data: bytes | bytearray | memoryview, n: int, alphabet: int) 
     decoder = constriction.stream.stack.AnsCoder(words)
     try:
         out = decoder.decode(_model(counts), n)
-    except Exception as exc:  # constriction raises its own (pyo3) exception types
+    except Exception as exc:  # noqa: BLE001 - constriction raises its own (pyo3) exception types
         raise EntropyCodingError(f"entropy-coded stream does not decode: {exc}") from None
     if not decoder.is_empty():
         raise EntropyCodingError("entropy-coded stream has data left after its last symbol")

@@ -179,7 +179,7 @@ class FractalMoE(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Output:
         """Logits for every position; loss when ``targets`` ((B, T) long, -100 ignored) is given."""
         B, T = idx.shape
-        if T > self.cfg.context:
+        if self.cfg.context < T:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.cfg.context}")
         pos = torch.arange(T, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
@@ -199,7 +199,7 @@ class FractalMoE(nn.Module):
 
     @contextmanager
     def serving(self, *, available: torch.Tensor | None = None, forced_route: torch.Tensor | None = None,
-                record_input: bool = False) -> Iterator["FractalMoE"]:
+                record_input: bool = False) -> Iterator[FractalMoE]:
         """Serve with part of the model inside the ``with`` block; every MoE hook and the training flag
         are restored when it ends, by an exception too.
 

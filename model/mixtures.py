@@ -24,8 +24,9 @@ torch tensors or numpy arrays and return the same kind. This module imports noth
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -337,7 +338,7 @@ class TopK:
                 + self.rest.numpy().astype("<f2").tobytes())
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, shape: Sequence[int], k: int, vocab_size: int) -> "TopK":
+    def from_bytes(cls, data: bytes, *, shape: Sequence[int], k: int, vocab_size: int) -> TopK:
         """Decode :meth:`to_bytes` for ``shape`` positions (the leading axes) of ``k`` tokens each."""
         n = int(np.prod(shape)) if len(shape) else 1
         if len(data) != n * topk_nbytes(k, vocab_size):

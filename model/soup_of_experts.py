@@ -25,8 +25,8 @@ This module imports nothing else of ours outside ``model``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn

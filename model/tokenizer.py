@@ -7,8 +7,8 @@ tokenizer.json, which is also what the coordinator and nodes load.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

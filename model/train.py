@@ -6,7 +6,7 @@ One loop serves all three; what differs is the data and which parameters train.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm

@@ -24,6 +24,7 @@ event loop, where the grpc.aio servers live. sim.run calls, through Ray::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -83,7 +84,7 @@ class NodeSpec:
     link: str = ""
 
     @staticmethod
-    def from_dict(d: dict) -> "NodeSpec":
+    def from_dict(d: dict) -> NodeSpec:
         """Validate a spec dict; SpecError names the key at fault."""
         if not isinstance(d, dict):
             raise SpecError(f"a node spec must be a dict, got {type(d).__name__}")
@@ -337,7 +338,7 @@ class NodeHost:
         except (grpc.aio.AioRpcError, NodeError) as exc:
             # The coordinator may be restarting: keep serving and try again next beat.
             h.errors = (h.errors + [_describe(exc)])[-5:]
-        except Exception as exc:  # noqa: BLE001 - a heartbeat must never kill the node
+        except Exception as exc:  # a heartbeat must never kill the node
             log.exception("node %s: heartbeat failed", node.node_id)
             h.errors = (h.errors + [f"{type(exc).__name__}: {exc}"])[-5:]
 
@@ -372,10 +373,8 @@ class NodeHost:
         for task in (h.task, h.provisioning):
             if task is not None:
                 task.cancel()
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await task
-                except asyncio.CancelledError:
-                    pass
         if h.server is not None:
             await h.server.stop(0.2)
         h.node.close()

@@ -23,8 +23,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 

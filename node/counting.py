@@ -18,8 +18,9 @@ tell a mixture's scoring call from a single-user one, so ``ScoreTokens`` is alwa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 

@@ -7,8 +7,9 @@ server answers with.
 
 Concurrency: everything runs on one asyncio loop; forward passes, bundle decoding, assembly and
 soup instantiation run on the process's one compute thread (:data:`COMPUTE`), always handed over by
-``VirtualNode._submit``, so that the loop keeps serving the other virtual nodes of the process. A request takes a snapshot of the served model and the mask when it starts, so an install
-that swaps the model mid-request never mixes two models in one answer.
+``VirtualNode._submit``, so that the loop keeps serving the other virtual nodes of the process. A
+request takes a snapshot of the served model and the mask when it starts, so an install that swaps
+the model mid-request never mixes two models in one answer.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from typing import TypeVar
 import grpc
 import torch
 
+from model.sampling import sample_token
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.ids import is_valid_bundle_name, is_valid_id
 from proto.model_labels import model_label
-
-from model.sampling import sample_token
 
 from .adapters import AdapterError, AdapterStore, UserAdapter, decode_adapter
 from .assembly import AssemblyError, DecodedBundle, ServedModel, WeightStore, decode_records, pack_mask, used_bundles
@@ -217,8 +217,7 @@ class VirtualNode:
         gen = torch.Generator().manual_seed(seed)
         seq = ids
         for i in range(max_new):
-            ctx = seq
-            logps, route = await self._submit(served.run, mask, lambda m: next_logprobs(m, ctx, tensors))
+            logps, route = await self._submit(served.run, mask, lambda m, ctx=seq: next_logprobs(m, ctx, tensors))
             self._count_routes(served, route[:, None])
             tok = sample_token(logps, temperature=temperature, top_k=k, rng=gen)
             seq = torch.cat([seq[-served.config.context:], torch.tensor([tok])])

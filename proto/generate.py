@@ -47,8 +47,9 @@ def _plugin(name: str) -> str:
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc on federation.proto into ``out_dir``; return the generated files' paths."""
-    from grpc_tools import protoc  # dev dependency: imported only when generating
     import importlib.resources
+
+    from grpc_tools import protoc  # dev dependency: imported only when generating
 
     out_dir.mkdir(parents=True, exist_ok=True)
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from typing import TypeVar
 
@@ -62,8 +63,6 @@ def process_memory(pid: int) -> dict:
 
 async def stop_actor(actor) -> None:
     """Stop a node actor's nodes (30 s at most), then kill its process."""
-    try:
+    with contextlib.suppress(Exception):  # a node already gone (killed by a fault) is fine here
         await asyncio.wait_for(asyncio.wrap_future(actor.stop.remote().future()), 30)
-    except Exception:  # noqa: BLE001 - a node already gone (killed by a fault) is fine here
-        pass
     ray.kill(actor)

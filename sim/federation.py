@@ -177,7 +177,7 @@ class LocalFederation:
         self._ray_started_here = False
 
     # ---- start-up ---------------------------------------------------------------------------
-    async def __aenter__(self) -> "LocalFederation":
+    async def __aenter__(self) -> LocalFederation:
         await self.start()
         return self
 
@@ -254,8 +254,8 @@ class LocalFederation:
         for user in self.suite.known_users:
             blob = encode_adapter(self.suite.adapter_state(user))
             adapter = pb.Adapter(user_id=user, format="safetensors", data=blob, sha256=hashlib.sha256(blob).digest())
-            reply = await self.stub.PutUser(pb.PutUserRequest(user_id=user, persona=personas[user], adapter=adapter,
-                                                              rotate_token=True), metadata=bearer_metadata(self.admin_token))
+            request = pb.PutUserRequest(user_id=user, persona=personas[user], adapter=adapter, rotate_token=True)
+            reply = await self.stub.PutUser(request, metadata=bearer_metadata(self.admin_token))
             self.user_tokens[user] = reply.token
         for user in self.suite.unknown_users:
             reply = await self.stub.PutUser(pb.PutUserRequest(user_id=user, persona=personas[user], rotate_token=True),

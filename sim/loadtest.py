@@ -98,8 +98,10 @@ def percentiles(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
     v = sorted(values)
-    rank = lambda q: v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]  # noqa: E731
-    ms = lambda s: round(1000 * s, 3)  # noqa: E731
+    def rank(q):
+        return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]
+    def ms(s):
+        return round(1000 * s, 3)
     return {"n": len(v), "mean_ms": ms(statistics.fmean(v)), "p50_ms": ms(rank(0.5)), "p90_ms": ms(rank(0.9)),
             "p99_ms": ms(rank(0.99)), "max_ms": ms(v[-1])}
 
@@ -127,7 +129,7 @@ class LoadRig:
         self.node_token = secrets.token_urlsafe(24)
         self.setup_s = 0.0
 
-    async def __aenter__(self) -> "LoadRig":
+    async def __aenter__(self) -> LoadRig:
         t0 = time.perf_counter()
         try:
             await self.start()
@@ -202,7 +204,8 @@ class LoadRig:
     async def stats(self) -> pb.Stats:
         """The coordinator's own counters."""
         async with grpc.aio.insecure_channel(self.handle.address) as ch:
-            return await rpc.FederationStub(ch).GetStats(pb.GetStatsRequest(), metadata=bearer_metadata(self.admin_token))
+            return await rpc.FederationStub(ch).GetStats(pb.GetStatsRequest(),
+                                                         metadata=bearer_metadata(self.admin_token))
 
     async def alive(self) -> bool:
         """A health check and a valid request both succeed."""

@@ -247,7 +247,7 @@ def max_min_rates(demands: Mapping[int, tuple[str, ...]], capacity: Mapping[str,
 
     All unfrozen flows grow at the same pace until a resource saturates; the flows crossing it freeze.
     """
-    rates = {f: 0.0 for f in demands}
+    rates = dict.fromkeys(demands, 0.0)
     left = dict(capacity)
     unfrozen = set(demands)
     while unfrozen:
@@ -327,8 +327,8 @@ class TransferSimulator:
         """Queue a transfer of ``nbytes`` from ``src`` to ``dst`` (node names or COORDINATOR); returns its id.
 
         ``at`` (default: now) is when it is requested. ``after`` chains it behind an earlier transfer on the
-        same stream: its data starts once that one has ended and it has been requested, with no round trip. ``meta`` (JSON values,
-        e.g. ``{"block": 1, "expert": 7}``) is copied into its event.
+        same stream: its data starts once that one has ended and it has been requested, with no round trip.
+        ``meta`` (JSON values, e.g. ``{"block": 1, "expert": 7}``) is copied into its event.
         """
         at = self.clock.now if at is None else float(at)
         if not at >= self.clock.now:

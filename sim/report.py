@@ -81,7 +81,8 @@ def summarise_latencies(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
     v = sorted(values)
-    pick = lambda q: v[min(len(v) - 1, int(math.ceil(q * len(v))) - 1)]  # noqa: E731 - nearest-rank percentile
+    def pick(q):
+        return v[min(len(v) - 1, int(math.ceil(q * len(v))) - 1)]  # nearest-rank percentile
     return {"n": len(v), "p50_s": round(pick(0.5), 4), "p99_s": round(pick(0.99), 4),
             "mean_s": round(statistics.fmean(v), 4)}
 
@@ -129,7 +130,7 @@ def write_plots(report: dict, out: Path) -> list[str]:
         ax.set_title("Each user's own adapter against the base (Bet 61)")
         ax.legend()
         files.append(save_figure(fig, out, "own_vs_base.png"))
-    mixes = [m for m in report["quality"]["mixtures"]]
+    mixes = list(report["quality"]["mixtures"])
     if mixes:
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(mixes)), 4))
         labels = [f"{m['text']}\n{m['mode']}" for m in mixes]
@@ -192,13 +193,15 @@ def to_markdown(r: dict) -> str:
               "| node | model | link | bytes | virtual s (shipping) |", "| --- | --- | --- | ---: | ---: |"]
     shown = r["per_node"] if len(r["per_node"]) <= 40 else r["per_node"][:20] + r["per_node"][-5:]
     for n in shown:
-        lines.append(f"| {n['node']} | {n['model']} | {n['link']} | {_fmt_bytes(n['bytes'])} | {n['virtual_seconds']:.2f} |")
+        lines.append(f"| {n['node']} | {n['model']} | {n['link']} | {_fmt_bytes(n['bytes'])} "
+                     f"| {n['virtual_seconds']:.2f} |")
     q = r["quality"]
     lines += ["", "## Quality", "", "Each user's own adapter against the base on the same held-out text (Bet 61):", "",
               "| user | node | own ppl | base ppl | own bpc | floor bpc |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for u in q["users"]:
         floor = "" if u["bpc_floor"] is None else f"{u['bpc_floor']:.3f}"
-        lines.append(f"| {u['user']} | {u['node']} | {u['own_ppl']:.2f} | {u['base_ppl']:.2f} | {u['own_bpc']:.3f} | {floor} |")
+        lines.append(f"| {u['user']} | {u['node']} | {u['own_ppl']:.2f} | {u['base_ppl']:.2f} "
+                     f"| {u['own_bpc']:.3f} | {floor} |")
     s_ = q["summary"]
     lines += ["", f"Own adapter beats base for {s_['own_beats_base']} of {s_['users']} users "
                   f"(median ppl ratio own/base {s_['median_own_over_base']:.3f})."]
@@ -208,7 +211,8 @@ def to_markdown(r: dict) -> str:
         lines += [f"| {u['user']} | {u['ppl']:.2f} | {u['bpc']:.3f} |" for u in q["unknown"]]
     if q["mixtures"]:
         lines += ["", "Mixture of specialist nodes (Bet 04), against each specialist alone:", "",
-                  "| text | mode | mixture ppl | best specialist | its ppl | mixture/best | its guarantee | regret vs best (nats) |",
+                  "| text | mode | mixture ppl | best specialist | its ppl | mixture/best | its guarantee "
+                  "| regret vs best (nats) |",
                   "| --- | --- | ---: | --- | ---: | ---: | --- | --- |"]
         for m in q["mixtures"]:
             lines.append(f"| {m['text']} | {m['mode']} | {m['mixture_ppl']:.2f} | {m['best']} | {m['best_ppl']:.2f} | "

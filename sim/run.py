@@ -119,7 +119,8 @@ def assemble(scn: Scenario, fed: LocalFederation, stats: dict, workload, links) 
     ratios = [u["own_ppl"] / u["base_ppl"] for u in users]
     by_kind_lat = {}
     for kind in sorted({r["kind"] for r in workload.requests}):
-        by_kind_lat[kind] = summarise_latencies([r["wall_s"] for r in workload.requests if r["kind"] == kind and r["ok"]])
+        by_kind_lat[kind] = summarise_latencies([r["wall_s"] for r in workload.requests
+                                                 if r["kind"] == kind and r["ok"]])
     ship_times = sorted(shipped.values()) or [0.0]
     return {
         "scenario": scn.to_dict(),

@@ -214,7 +214,7 @@ class Scenario:
     faults: FaultsSection = field(default_factory=FaultsSection)
     soup: SoupSection = field(default_factory=SoupSection)
 
-    def validate(self) -> "Scenario":
+    def validate(self) -> Scenario:
         """Validate every section; returns self."""
         for f in dataclasses.fields(self):
             sec = getattr(self, f.name)

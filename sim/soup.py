@@ -19,8 +19,14 @@ from typing import TYPE_CHECKING
 from model.codecs import bundle_meta
 from model.pipeline import Suite
 from model.soe_train import preset_soup_config, suite_soup
-from model.soup_of_experts import SoupConfig, SoupOfExperts, bytes_comparison, unigram_log_tables, wire_meta, \
-    wire_records
+from model.soup_of_experts import (
+    SoupConfig,
+    SoupOfExperts,
+    bytes_comparison,
+    unigram_log_tables,
+    wire_meta,
+    wire_records,
+)
 
 from .report import save_figure
 from .scenario import Scenario, ScenarioError
@@ -79,7 +85,7 @@ def _geomean(xs: list[float]) -> float | None:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
-def report_section(fed: "LocalFederation", stats: dict, rows: list[dict], codec: str) -> dict:
+def report_section(fed: LocalFederation, stats: dict, rows: list[dict], codec: str) -> dict:
     """The report's ``soup_of_experts``: what the bank cost on the wire against full specialists,
     what each soup node instantiated, and the quality its users got (``rows`` from the workload)."""
     bank_info = next(b for b in fed.bundles.values() if b.model == SOUP_MODEL)
@@ -155,7 +161,8 @@ def markdown(sec: dict) -> list[str]:
 def instance_record(reply, request_bytes: int) -> dict:
     """What a soup node reported instantiating (an InstantiateSoupReply), JSON-able."""
     return {"bank": reply.bank, "domains": list(reply.domains),
-            "domain_weights": [float(v) for v in reply.domain_weights], "alpha": [float(v) for v in reply.alpha], "model": reply.model, "request_bytes": request_bytes}
+            "domain_weights": [float(v) for v in reply.domain_weights], "alpha": [float(v) for v in reply.alpha],
+            "model": reply.model, "request_bytes": request_bytes}
 
 
 

@@ -120,7 +120,8 @@ class Driver:
         self.result.mixtures.append({
             "text": persona, "mode": mode, "tokens": len(mix), "mixture_ppl": r.perplexity,
             "components_ppl": comps, "best": best, "best_ppl": comps[best],
-            "mixture_over_best": r.perplexity / comps[best], "per_token_bound_holds": per_token_ok, "bound_holds": bound_holds,
+            "mixture_over_best": r.perplexity / comps[best], "per_token_bound_holds": per_token_ok,
+            "bound_holds": bound_holds,
             "regret_nats": regret, "regret_bound_nats": math.log(n), "mean_attribution": mean_attr,
         })
 

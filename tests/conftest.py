@@ -7,7 +7,7 @@ import os
 # numpy's BLAS threads fight the 2 cores for tiny matrix calls; one thread is faster here
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 # Every test session trains into its own cache, so no test depends on what a previous run left.
 _SESSION_CACHE = None

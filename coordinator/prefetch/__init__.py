@@ -14,25 +14,60 @@ first. The pieces, one module each:
 Imports ``model`` only (and numpy, torch): times come in as numbers or callables from the network model.
 """
 
-from .evaluate import (EvaluationError, NodeLinks, Request, ServedRequest, ServingConfig, evaluate_prefetch,
-                       idle_links, plan, served_events, shipping_order)
+from .evaluate import (
+                       EvaluationError,
+                       NodeLinks,
+                       Request,
+                       ServedRequest,
+                       ServingConfig,
+                       evaluate_prefetch,
+                       idle_links,
+                       plan,
+                       served_events,
+                       shipping_order,
+)
 from .metrics import MetricError, byte_metrics, hit_rate, recall_at_k, top_k_mask, used_mask
-from .policies import (POLICIES, PolicyError, RequestOutcome, link_time, remote_time, simulate_request,
-                       stream_arrivals)
-from .predictors import (LFU, LRU, PREDICTORS, GlobalFrequency, Keyword, NextBlockRouter, Oracle, Predictor,
-                         PredictorError, RandomPredictor, RequestContext, RoutingTrace, RunAhead, UserHistogram,
-                         build_predictor, route_counts, visible_context, visible_trace)
-from .quality import (PplComparison, QualityError, coarsen_segments, route_trace, router_weights,
-                      segmented_substitution_ppl, substitution_ppl)
+from .policies import POLICIES, PolicyError, RequestOutcome, link_time, remote_time, simulate_request, stream_arrivals
+from .predictors import (
+                       LFU,
+                       LRU,
+                       PREDICTORS,
+                       GlobalFrequency,
+                       Keyword,
+                       NextBlockRouter,
+                       Oracle,
+                       Predictor,
+                       PredictorError,
+                       RandomPredictor,
+                       RequestContext,
+                       RoutingTrace,
+                       RunAhead,
+                       UserHistogram,
+                       build_predictor,
+                       route_counts,
+                       visible_context,
+                       visible_trace,
+)
+from .quality import (
+                       PplComparison,
+                       QualityError,
+                       coarsen_segments,
+                       route_trace,
+                       router_weights,
+                       segmented_substitution_ppl,
+                       substitution_ppl,
+)
 from .selection import SelectionError, knapsack_dp, knapsack_greedy, select_experts
 
 __all__ = [
     "EvaluationError", "NodeLinks", "Request", "ServedRequest", "ServingConfig", "evaluate_prefetch",
-    "idle_links", "plan", "served_events", "shipping_order", "MetricError", "byte_metrics", "hit_rate", "recall_at_k", "top_k_mask", "used_mask",
+    "idle_links", "plan", "served_events", "shipping_order", "MetricError", "byte_metrics", "hit_rate", "recall_at_k",
+    "top_k_mask", "used_mask",
     "POLICIES", "PolicyError", "RequestOutcome", "link_time", "remote_time", "simulate_request",
     "stream_arrivals", "LFU", "LRU", "PREDICTORS", "GlobalFrequency", "Keyword", "NextBlockRouter", "Oracle",
     "Predictor", "PredictorError", "RandomPredictor", "RequestContext", "RoutingTrace", "RunAhead",
     "UserHistogram", "build_predictor", "route_counts", "visible_context", "visible_trace", "PplComparison",
-    "QualityError", "coarsen_segments", "route_trace", "router_weights", "segmented_substitution_ppl", "substitution_ppl", "SelectionError", "knapsack_dp",
+    "QualityError", "coarsen_segments", "route_trace", "router_weights", "segmented_substitution_ppl",
+    "substitution_ppl", "SelectionError", "knapsack_dp",
     "knapsack_greedy", "select_experts",
 ]

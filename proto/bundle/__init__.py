@@ -12,11 +12,39 @@ makes a bundle, down to the two matrices of one expert of one block.
     python -m proto.bundle inspect|verify FILE        the command line
 """
 
-from .errors import (BundleError, ChecksumMismatch, ChunkError, CorruptBundle, CorruptChunk, CorruptHeader,
-                     CorruptManifest, DuplicateChunk, InvalidRecord, MissingTensor, NotABundle, OutOfOrderChunk,
-                     OversizedChunk, ShapeMismatch, TruncatedBundle, UnknownCodec, UnknownTensor, UnknownVersion)
-from .format import (DEFAULT_CHUNK_SIZE, DEFAULT_MAX_CHUNK_SIZE, HEADER_SIZE, MAGIC, SUPPORTED_VERSIONS, VERSION,
-                     Bundle, Chunk, Manifest, ManifestEntry, TensorRecord)
+from .errors import (
+                     BundleError,
+                     ChecksumMismatch,
+                     ChunkError,
+                     CorruptBundle,
+                     CorruptChunk,
+                     CorruptHeader,
+                     CorruptManifest,
+                     DuplicateChunk,
+                     InvalidRecord,
+                     MissingTensor,
+                     NotABundle,
+                     OutOfOrderChunk,
+                     OversizedChunk,
+                     ShapeMismatch,
+                     TruncatedBundle,
+                     UnknownCodec,
+                     UnknownTensor,
+                     UnknownVersion,
+)
+from .format import (
+                     DEFAULT_CHUNK_SIZE,
+                     DEFAULT_MAX_CHUNK_SIZE,
+                     HEADER_SIZE,
+                     MAGIC,
+                     SUPPORTED_VERSIONS,
+                     VERSION,
+                     Bundle,
+                     Chunk,
+                     Manifest,
+                     ManifestEntry,
+                     TensorRecord,
+)
 from .reader import BundleReader, read_bundle_verified, read_manifest
 from .writer import bundle_size, encode_bundle, iter_chunks, sub_bundle, write_bundle
 

@@ -29,8 +29,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import (CorruptHeader, CorruptManifest, InvalidRecord, NotABundle, ShapeMismatch, UnknownCodec,
-                     UnknownTensor, UnknownVersion)
+from .errors import (
+    CorruptHeader,
+    CorruptManifest,
+    InvalidRecord,
+    NotABundle,
+    ShapeMismatch,
+    UnknownCodec,
+    UnknownTensor,
+    UnknownVersion,
+)
 
 MAGIC = b"\x89FFB\r\n\x1a\n"
 VERSION = 1

@@ -11,10 +11,26 @@ import hashlib
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 
-from .errors import (BundleError, ChecksumMismatch, CorruptChunk, DuplicateChunk, OutOfOrderChunk, OversizedChunk,
-                     TruncatedBundle)
-from .format import (HEADER_SIZE, Bundle, Chunk, Header, Manifest, TensorRecord, check_entries, parse_header,
-                     parse_manifest)
+from .errors import (
+    BundleError,
+    ChecksumMismatch,
+    CorruptChunk,
+    DuplicateChunk,
+    OutOfOrderChunk,
+    OversizedChunk,
+    TruncatedBundle,
+)
+from .format import (
+    HEADER_SIZE,
+    Bundle,
+    Chunk,
+    Header,
+    Manifest,
+    TensorRecord,
+    check_entries,
+    parse_header,
+    parse_manifest,
+)
 
 
 class BundleReader:

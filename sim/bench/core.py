@@ -80,7 +80,7 @@ class BenchConfig:
         need(50 <= self.score_chars <= 30_000, "score_chars", f"must be 50..30000, got {self.score_chars}")
 
     @staticmethod
-    def quick() -> "BenchConfig":
+    def quick() -> BenchConfig:
         """Sizes small enough for the test suite: tiny shapes, 4 nodes, few rounds.
 
         The start-up baseline packs all 4 nodes into one actor: Ray actors are what costs time here

@@ -28,8 +28,8 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 

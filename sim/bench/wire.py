@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import secrets
 import time
+from functools import partial
 
 import grpc
 import torch
@@ -41,6 +42,11 @@ def random_bundle(shape: str, expert_codec: str, *, seed: int, other_codec: str 
     sd = build_model(cfg, seed).state_dict()
     meta = bundle_meta(cfg, model="base", expert_codec=expert_codec, other_codec=other_codec)
     return encode_bundle(encode_state_dict(sd, expert_codec=expert_codec, other_codec=other_codec), meta)
+
+
+def _clones(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A copy of every tensor: the baseline a decode is measured against."""
+    return [t.clone() for t in tensors]
 
 
 class _Clock:
@@ -77,9 +83,9 @@ async def decode(ctx) -> list[BenchResult]:
         sha = hashlib.sha256(data).digest()
         dec, copy, only = _Clock(), _Clock(), _Clock()
         dec_s, copy_s, only_s = best_of(
-            cfg.repeats, lambda: dec(lambda: decode_bundle(data, name="bench")),
-            lambda: copy(lambda: [t.clone() for t in tensors]),
-            lambda: only(lambda: decode_records(verified, name="bench", sha256=sha, size=len(data))))
+            cfg.repeats, partial(dec, partial(decode_bundle, data, name="bench")),
+            partial(copy, partial(_clones, tensors)),
+            partial(only, partial(decode_records, verified, name="bench", sha256=sha, size=len(data))))
         out.append(BenchResult(
             name=f"decode_{codec}", value=nbytes / dec_s / MB, baseline=nbytes / copy_s / MB, unit="MB/s",
             better="higher", description=f"bundle verify+decode ({codec} experts, fp16 rest) vs a plain copy of "
@@ -104,7 +110,7 @@ class BareStream:
         for off in range(0, len(self.data), self.chunk):
             yield bytes(view[off:off + self.chunk])  # a fresh bytes per message, as the coordinator hands gRPC
 
-    async def start(self) -> "BareStream":
+    async def start(self) -> BareStream:
         """Listen on a free loopback port."""
         handler = grpc.method_handlers_generic_handler("fractal.bench.Bare", {
             "Stream": grpc.unary_stream_rpc_method_handler(self._stream)})
@@ -130,7 +136,7 @@ class ShipRig:
         self.meta = bearer_metadata(self.node_token)
         self.cpu: dict[str, list[float]] = {"coordinator": [], "bare": [], "node": []}  # process CPU s per fetch
 
-    async def __aenter__(self) -> "ShipRig":
+    async def __aenter__(self) -> ShipRig:
         cfg = self.ctx.config
         work = self.ctx.tmpdir("ship")
         self.handle = await serve(CoordinatorConfig(

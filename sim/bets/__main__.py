@@ -18,7 +18,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sim.bets",
                                 description="Re-run the catalogue's bets with their pre-registered criteria, "
                                             "side by side with the catalogue's results.")
-    p.add_argument("ids", nargs="*", metavar="ID", help="bets to run, by number (31) or name (31_model_soup); all when none")
+    p.add_argument("ids", nargs="*", metavar="ID",
+                   help="bets to run, by number (31) or name (31_model_soup); all when none")
     p.add_argument("--preset", default="small", help="model preset: tiny, small or 30m (default small)")
     p.add_argument("--seed", type=int, default=0, help="seed of every model and every random choice (default 0)")
     p.add_argument("--out", type=Path, default=Path("runs/bets"), help="folder for NN_name.json and summary.md")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .context import BetContext
@@ -84,7 +85,7 @@ class Bet:
     criteria: Criteria
     catalogue: CatalogueResult
     judge: Callable[[Mapping[str, Any]], str]  # measurements -> one of VERDICTS, pure
-    measure: Callable[["BetContext"], dict]  # runs the experiment
+    measure: Callable[[BetContext], dict]  # runs the experiment
     key_figures: Callable[[Mapping[str, Any]], str]  # one line for the summary table
     in_catalogue: bool = True  # False for the simulator's own experiments (numbered from 100)
     notes: tuple[str, ...] = ()  # where our setup differs from the catalogue's, and its inconsistencies

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -78,7 +79,8 @@ def key_figures(m: Mapping[str, Any]) -> str:
     r = need(m, "texts", MIXED)
     return (f"pooled: posterior {r['posterior_ppl']:.2f}, uniform {r['uniform_ppl']:.2f}, best specialist "
             f"{r['best_specialist']} {r['best_ppl']:.2f}; per-token slack "
-            f"{number(m, 'per_token_bound', 'slack_nats'):.3g}, regret slack {number(m, 'regret_bound', 'slack_nats'):.3g}")
+            f"{number(m, 'per_token_bound', 'slack_nats'):.3g}, "
+            f"regret slack {number(m, 'regret_bound', 'slack_nats'):.3g}")
 
 
 BET = Bet(
@@ -98,7 +100,8 @@ BET = Bet(
         catastrophic="the per-token or the regret bound is violated somewhere",
         source="the simulator (the catalogue gives no criteria for Bet 04)",
     ),
-    catalogue=CatalogueResult(verdict=WORKS, quote="works; the canonical primitive (\"provably no worse than the best specialist\")"),
+    catalogue=CatalogueResult(
+        verdict=WORKS, quote="works; the canonical primitive (\"provably no worse than the best specialist\")"),
     judge=judge,
     measure=measure,
     key_figures=key_figures,

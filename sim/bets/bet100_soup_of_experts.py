@@ -16,8 +16,9 @@ before the experiment was first run.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -205,7 +206,8 @@ def measure_soe(ctx: BetContext, plan: Plan | None = None) -> dict[str, Any]:
     low = run.soup(support=plan.support, rank=plan.rank)
     low_scores = run.bank_scores(low)
     bank_kind = {main.cfg.kind: {m: ratios[m] for m in (SOE, SOE_ORACLE, SOE_GENERIC)},
-                 low.cfg.kind: {m: ratio_to_base(low_scores, personas, m, table) for m in (SOE, SOE_ORACLE, SOE_GENERIC)}}
+                 low.cfg.kind: {m: ratio_to_base(low_scores, personas, m, table)
+                                for m in (SOE, SOE_ORACLE, SOE_GENERIC)}}
     samples: dict[str, dict[str, float]] = {}
     for n in plan.est_sweep:
         weights, per = [], {}

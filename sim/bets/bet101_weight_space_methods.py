@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from model import merges, mixtures
 
-from .base import (CATASTROPHIC, FAILS, LENIENT, NEITHER, STRICT, Bet, BetError, CatalogueResult, Criteria, geomean,
-                   need, number)
+from .base import (
+    CATASTROPHIC,
+    FAILS,
+    LENIENT,
+    NEITHER,
+    STRICT,
+    Bet,
+    BetError,
+    CatalogueResult,
+    Criteria,
+    geomean,
+    need,
+    number,
+)
 from .common import nll, posterior_by_document, ppl, stack_logps
 from .context import BetContext
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .base import CATASTROPHIC, LENIENT, NEITHER, OPEN, STRICT, Bet, CatalogueResult, Criteria, number
 from .context import BetContext
@@ -34,7 +35,8 @@ def judge(m: Mapping[str, Any]) -> str:
 
 def key_figures(m: Mapping[str, Any]) -> str:
     """Recall, hit rate and ppl ratio per predictor."""
-    return "; ".join(f"{p} recall {number(m, 'predictors', p, 'recall'):.2f} hit {number(m, 'predictors', p, 'hit_rate'):.2f} "
+    return "; ".join(f"{p} recall {number(m, 'predictors', p, 'recall'):.2f} "
+                     f"hit {number(m, 'predictors', p, 'hit_rate'):.2f} "
                      f"ppl x{number(m, 'predictors', p, 'ppl_ratio'):.3f}" for p in PREDICTORS)
 
 
@@ -53,7 +55,8 @@ BET = Bet(
         catastrophic="keyword recall no better than random's",
         source="the simulator (the catalogue gives no figures for Bet 12); STRICT is the prefetch issue's goal",
     ),
-    catalogue=CatalogueResult(verdict=OPEN, quote="protocol-level alternative to shipping all experts; no figures given"),
+    catalogue=CatalogueResult(
+        verdict=OPEN, quote="protocol-level alternative to shipping all experts; no figures given"),
     judge=judge,
     measure=measure,
     key_figures=key_figures,

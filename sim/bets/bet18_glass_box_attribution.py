@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from model import mixtures
 
-from .base import CATASTROPHIC, LENIENT, NEITHER, STRICT, WORKS, Bet, CatalogueResult, Criteria, need, number
+from .base import CATASTROPHIC, LENIENT, NEITHER, STRICT, WORKS, Bet, CatalogueResult, Criteria, number
 from .common import documents, stack_logps
 from .context import BetContext
 
@@ -79,7 +80,8 @@ BET = Bet(
     number=18,
     slug="glass_box_attribution",
     title="Glass-box attribution",
-    question="Are per-token, per-specialist contributions auditable: do they point at the specialist whose domain the text is?",
+    question=("Are per-token, per-specialist contributions auditable: do they point at the specialist whose "
+              "domain the text is?"),
     setup=("Each training persona's specialist scores every persona's held-out text; responsibility of "
            "specialist i for token t is p_i / sum_j p_j (uniform weights); each document (context window) "
            "is attributed to the specialist with the highest posterior at its end; the held-out persona's "
@@ -87,7 +89,8 @@ BET = Bet(
     criteria=Criteria(
         strict="responsibilities sum to 1, and >= 90% of documents are attributed to their own domain's specialist",
         lenient="responsibilities sum to 1, and >= 60% of documents are attributed to their own domain's specialist",
-        catastrophic="responsibilities do not sum to 1 (|error| > 1e-6), or document attribution is no better than chance",
+        catastrophic=("responsibilities do not sum to 1 (|error| > 1e-6), or document attribution is no better "
+                      "than chance"),
         source="the simulator (the catalogue gives no criteria for Bet 18)",
     ),
     catalogue=CatalogueResult(verdict=WORKS, quote="per-token, per-specialist contributions are auditable"),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from model import merges
 
@@ -113,7 +114,8 @@ BET = Bet(
     number=31,
     slug="model_soup",
     title="Linear weight soup of two specialists",
-    question="For some alpha in [0.1, 0.9], is alpha * specialist_1 + (1 - alpha) * specialist_2 better than both parents?",
+    question=("For some alpha in [0.1, 0.9], is alpha * specialist_1 + (1 - alpha) * specialist_2 better than "
+              "both parents?"),
     setup=("Two full fine-tunes of the base (programmer = specialist 1, novelist = specialist 2); soup every "
            "parameter at alpha in {0.1, 0.3, 0.5, 0.7, 0.9}, plus alpha = 0 and 1 as sanity checks (bitwise "
            "parents); held-out ppl on both specialists' texts; loss barrier along the path."),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from model import merges
 
@@ -61,7 +62,8 @@ BET = Bet(
     slug="adapter_averaging",
     title="Average the users' adapters into one",
     question="Can the mean of every user's norm-only adapter serve all of them?",
-    setup="Every known user's adapter; their elementwise mean; each user's held-out text under base, own adapter and the mean.",
+    setup=("Every known user's adapter; their elementwise mean; each user's held-out text under base, own "
+           "adapter and the mean."),
     criteria=Criteria(
         strict="the averaged adapter's ppl is within 5% of each user's own adapter, for every user",
         lenient="the averaged adapter's ppl is <= the base's for every user",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .base import CATASTROPHIC, LENIENT, NEITHER, STRICT, Bet, BetError, CatalogueResult, Criteria, need, number
 from .bet55_logit_ensemble import ensemble_users

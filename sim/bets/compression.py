@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .base import Criteria, number, ratio_verdict
 from .bet38_expert_collapse import quality
@@ -15,7 +16,8 @@ CRITERIA = Criteria(
     strict="compressed ppl <= 1.05x fp32 ppl",
     lenient="compressed ppl <= 1.25x fp32 ppl",
     catastrophic=("compressed ppl > 3x fp32 (Bet 38's own 'useful' bar), or fewer than 5 unique tokens in a "
-                  "100-token greedy sample where the fp32 model's sample has at least 5 (collapse caused by the codec)"),
+                  "100-token greedy sample where the fp32 model's sample has at least 5 (collapse caused by the "
+                  "codec)"),
     source="the simulator (the catalogue reports 'works' without criteria)",
 )
 

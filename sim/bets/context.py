@@ -8,7 +8,8 @@ cache, the tokenizer or the corpora directly, so a test can hand them a fake con
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch

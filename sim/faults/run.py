@@ -4,6 +4,7 @@ their victims and judges the recovery; :func:`run_faults` is the entry point (se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import random
@@ -46,7 +47,8 @@ class FaultRun:
     def probes(self) -> list[Probe]:
         """Known users score and generate on their own adapter; unknown users and the admin score on the base."""
         suite, n = self.fed.suite, self.settings.score_chars
-        text = lambda name: suite.text(name, "eval")[-n:]  # noqa: E731 - a slice the workload did not use first
+        def text(name):
+            return suite.text(name, "eval")[-n:]  # a slice the workload did not use first
         out = [Probe("score", "", text(suite.held_out))]
         for u in suite.known_users:
             out += [Probe("score", u, text(u)), Probe("generate", u, text(u)[:80])]
@@ -198,7 +200,7 @@ class FaultRun:
         data = b.path.read_bytes()
         chunk = min(max(MIN_CHUNK, b.size // s.chunks_per_bundle), fed.handle.core.config.chunk_size)
         m = read_manifest(data)
-        tensors = sorted(((m.payload_start + e.offset, e.length, e.name) for e in m.entries if e.length >= 2))
+        tensors = sorted((m.payload_start + e.offset, e.length, e.name) for e in m.entries if e.length >= 2)
         links: dict[str, LinkFaults] = {}
         self.expected: dict[str, list] = {}
         if self.faults.cut_stream_at > 0:
@@ -262,10 +264,8 @@ class FaultRun:
                 return out
         finally:
             for nid in links:
-                try:
+                with contextlib.suppress(grpc.aio.AioRpcError):  # a node that never registered
                     await self.admin("SetNodeState", pb.SetNodeStateRequest(node_id=nid, state=pb.NODE_STATE_DOWN))
-                except grpc.aio.AioRpcError:
-                    pass  # a node that never registered
             await proxy.stop()
 
     def _judge(self, nid: str, lf: LinkFaults, entry: dict, size: int) -> dict:

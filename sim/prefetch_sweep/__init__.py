@@ -35,8 +35,18 @@ from .hybrid import Hybrid, hybrid_events
 from .inputs import REMOTE_PEER, SweepError, build_requests, expert_sizes, interleave, node_links, windows
 from .quality import TOKENS_PER_PASS, QualityMeter, covers, masked_nll
 from .report import markdown, write_plots
-from .rows import (GOAL_HIT_RATE, GOAL_PPL_RATIO, NODE_CACHES, SOURCE, PerNode, SweepSetup, goal, make_predictor,
-                   run_rows, sweep_row)
+from .rows import (
+                   GOAL_HIT_RATE,
+                   GOAL_PPL_RATIO,
+                   NODE_CACHES,
+                   SOURCE,
+                   PerNode,
+                   SweepSetup,
+                   goal,
+                   make_predictor,
+                   run_rows,
+                   sweep_row,
+)
 from .run import run_sweep, setup_for, sweep_section
 
 __all__ = ["GOAL_HIT_RATE", "GOAL_PPL_RATIO", "NODE_CACHES", "REMOTE_PEER", "SOURCE", "TOKENS_PER_PASS", "Hybrid",

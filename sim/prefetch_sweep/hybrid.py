@@ -8,8 +8,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from coordinator.prefetch import (NodeLinks, RequestContext, RunAhead, ServedRequest, ServingConfig, select_experts,
-                                  served_events, shipping_order)
+from coordinator.prefetch import (
+    NodeLinks,
+    RequestContext,
+    RunAhead,
+    ServedRequest,
+    ServingConfig,
+    select_experts,
+    served_events,
+    shipping_order,
+)
 
 
 class Hybrid(RunAhead):

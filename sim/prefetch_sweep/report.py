@@ -28,10 +28,12 @@ def write_plots(section: dict[str, Any], out: Path) -> list[str]:
     g = section.get("goal", {})
     budgets = sorted({r["budget"] for r in rows})
     if policy == "substitute":
-        quality = lambda r: r["ppl_ratio"]  # noqa: E731
+        def quality(r):
+            return r["ppl_ratio"]
         ylabel, target = "perplexity / full model's (missed experts substituted)", ("ppl ratio", GOAL_PPL_RATIO)
     else:  # exact policies pay in time instead
-        quality = lambda r: r["stall_seconds"] / max(r["requests"], 1)  # noqa: E731
+        def quality(r):
+            return r["stall_seconds"] / max(r["requests"], 1)
         ylabel, target = f"stall per request, virtual s ({policy} on a miss)", None
     _lines(plt, out / "prefetch_frontier.png", by_name, lambda r: r["bytes_shipped_per_token"] / 1000, quality,
            xlabel="KB shipped per token (prefetched + fetched on demand)", ylabel=ylabel, target=target,

@@ -9,8 +9,18 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.prefetch import (NodeLinks, Predictor, Request, RequestContext, ServedRequest, ServingConfig,
-                                  build_predictor, evaluate_prefetch, router_weights, served_events)
+from coordinator.prefetch import (
+    NodeLinks,
+    Predictor,
+    Request,
+    RequestContext,
+    ServedRequest,
+    ServingConfig,
+    build_predictor,
+    evaluate_prefetch,
+    router_weights,
+    served_events,
+)
 from model.fractal_moe import FractalMoE
 
 from .hybrid import Hybrid, hybrid_events
@@ -141,8 +151,10 @@ def goal(rows: Sequence[dict[str, Any]], n_experts: int) -> dict[str, Any]:
     smallest budget at which the goal's two conditions hold.
     """
     half = n_experts // 2
-    ok = lambda r: (r["hit_rate"] >= GOAL_HIT_RATE and r["ppl_ratio"] is not None  # noqa: E731
-                    and r["ppl_ratio"] <= GOAL_PPL_RATIO)
+    def ok(r):
+        return (r["hit_rate"] >= GOAL_HIT_RATE and r["ppl_ratio"] is not None
+                and r["ppl_ratio"] <= GOAL_PPL_RATIO)
+
     out: dict[str, Any] = {"budget": half, "of_experts": n_experts, "hit_rate_target": GOAL_HIT_RATE,
                            "ppl_ratio_target": GOAL_PPL_RATIO}
     first_ok = {}

@@ -25,7 +25,7 @@ def setup_for(fed, *, progress: bool = False) -> SweepSetup:
     model = suite.base()
     cfg = model.cfg
     T = pf.request_tokens or cfg.context
-    if T > cfg.context:
+    if cfg.context < T:
         raise SweepError(f"prefetch.request_tokens: {T} is longer than the model's context ({cfg.context})")
     if pf.warmup_tokens >= T:
         raise SweepError(f"prefetch.warmup_tokens: {pf.warmup_tokens} leaves no token to generate in {T}")

@@ -12,9 +12,9 @@ import threading
 from pathlib import Path
 
 import grpc
+from coordinator_harness import ADMIN, NODE, Federation, federation, meta
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator_harness import ADMIN, NODE, Federation, federation, meta
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 

@@ -9,6 +9,7 @@ that does not reach the resource PERMISSION_DENIED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -18,9 +19,9 @@ import subprocess
 import grpc
 import pytest
 import torch
-
 from coordinator_harness import ADMIN, NODE, encode, federation, meta, start_coordinator
 from live_coordinator import TEXT, LiveCoordinator, status_of
+
 from model.codecs import encode_state_dict
 from model.config import PRESETS
 from model.fractal_moe import build_model, is_norm_param
@@ -128,7 +129,8 @@ def test_tokens_are_compared_in_constant_time(tmp_path, monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
-    digest = lambda token: hashlib.sha256(token.encode()).digest()  # noqa: E731 - what the registry stores
+    def digest(token):
+        return hashlib.sha256(token.encode()).digest()  # what the registry stores
 
     async def go():
         fed = await federation(tmp_path)
@@ -137,10 +139,8 @@ def test_tokens_are_compared_in_constant_time(tmp_path, monkeypatch):
             seen = {}
             for name, token in (("admin", ADMIN), ("node", NODE), ("alice", alice), ("forged", ADMIN[:-1] + "x")):
                 calls.clear()
-                try:
+                with contextlib.suppress(grpc.aio.AioRpcError):
                     await fed.stub.ListUsers(pb.ListUsersRequest(), metadata=meta(token))
-                except grpc.aio.AioRpcError:
-                    pass
                 seen[name] = list(calls)
             return alice, seen
         finally:
@@ -160,7 +160,8 @@ def test_tokens_are_compared_in_constant_time(tmp_path, monkeypatch):
 def make_ca_and_server_cert(d) -> tuple[bytes, object, object]:
     """(CA certificate PEM, server cert path, server key path) for 127.0.0.1 and localhost."""
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)  # noqa: E731
+    def run(*args):
+        return subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
     run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=fractal-test-ca")
     run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=coordinator")
     (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import grpc
+from coordinator_harness import ADMIN, NODE, encode, federation, run, write_tokenizer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator import client
-from coordinator_harness import ADMIN, NODE, encode, federation, run, write_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT = "the cat sat on the mat"

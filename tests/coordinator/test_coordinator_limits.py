@@ -9,8 +9,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.limits import (RequestError, check_bundle_name, check_enum, check_float, check_id, check_int,
-                                check_prior, check_text, check_token_count)
+from coordinator.limits import (
+    RequestError,
+    check_bundle_name,
+    check_enum,
+    check_float,
+    check_id,
+    check_int,
+    check_prior,
+    check_text,
+    check_token_count,
+)
 
 
 def _invalid(fn, *args, **kwargs) -> str:

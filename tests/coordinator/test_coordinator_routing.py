@@ -9,7 +9,7 @@ import pytest
 
 from coordinator.dispatch import Dispatcher
 from coordinator.registry import Registry
-from coordinator.routing import NoNodeAvailable, NodeUnavailable, Router, UnknownNode
+from coordinator.routing import NodeUnavailable, NoNodeAvailable, Router, UnknownNode
 from proto import federation_pb2 as pb
 
 

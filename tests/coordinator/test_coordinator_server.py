@@ -12,12 +12,25 @@ import subprocess
 import grpc
 import numpy as np
 import pytest
+from coordinator_harness import (
+    ADMIN,
+    NODE,
+    Federation,
+    adapted_table,
+    bigram_table,
+    encode,
+    expected_logps,
+    federation,
+    make_adapter,
+    make_config,
+    meta,
+    run,
+    start_coordinator,
+    start_fake_node,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from coordinator_harness import (ADMIN, NODE, Federation, adapted_table, bigram_table, encode, expected_logps,
-                                 federation, make_adapter, make_config, meta, run, start_coordinator,
-                                 start_fake_node)
 from coordinator.server import serve
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
@@ -181,7 +194,8 @@ def test_access_matrix_exact_status_codes(tmp_path):
             alice = await fed.add_user("alice", boost=2)
             bob = await fed.add_user("bob", boost=3)
             s = fed.stub
-            score = lambda user, token: s.Score(pb.ScoreRequest(user_id=user, text=TEXT), metadata=token)  # noqa: E731
+            def score(user, token):
+                return s.Score(pb.ScoreRequest(user_id=user, text=TEXT), metadata=token)
             assert await _code(score("alice", ())) == grpc.StatusCode.UNAUTHENTICATED
             assert await _code(score("alice", meta("forged-token-xyz"))) == grpc.StatusCode.UNAUTHENTICATED
             assert await _code(score("alice", (("authorization", alice),))) == grpc.StatusCode.UNAUTHENTICATED
@@ -482,7 +496,7 @@ def test_node_lifecycle_heartbeats_and_watchdog(tmp_path):
         try:
             node = await start_fake_node(fed.coordinator.address, "n1", seed=1, heartbeat=False)
             fed.nodes["n1"] = node
-            fed.stub  # opens the shared channel
+            assert fed.stub is not None  # opens the shared channel
             control = rpc.NodeControlStub(fed.channel)
             registry = fed.coordinator.registry
             score = pb.ScoreRequest(text=TEXT)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.store import (BundleIntegrityError, BundleNameError, BundleNotFound, BundleRangeError, BundleStore)
+from coordinator.store import BundleIntegrityError, BundleNameError, BundleNotFound, BundleRangeError, BundleStore
 
 
 @settings(max_examples=40, deadline=None)

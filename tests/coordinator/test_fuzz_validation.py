@@ -15,11 +15,11 @@ import re
 
 import grpc
 import pytest
+from coordinator_harness import WORDS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from coordinator_harness import WORDS
 from live_coordinator import LiveCoordinator, status_of
+
 from proto import federation_pb2 as pb
 
 C = grpc.StatusCode

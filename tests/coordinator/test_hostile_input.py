@@ -12,8 +12,8 @@ import os
 
 import grpc
 import pytest
-
 from live_coordinator import TEXT, LiveCoordinator, status_of
+
 from proto import federation_pb2 as pb
 
 C = grpc.StatusCode

@@ -10,14 +10,45 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.prefetch import (LFU, LRU, GlobalFrequency, Keyword, NextBlockRouter, Oracle, PredictorError,
-                                  QualityError, RandomPredictor, coarsen_segments, Request, RequestContext, RoutingTrace, RunAhead,
-                                  SelectionError, ServingConfig, UserHistogram, build_predictor, byte_metrics,
-                                  evaluate_prefetch, hit_rate, idle_links, knapsack_dp, knapsack_greedy,
-                                  link_time, recall_at_k, remote_time, route_trace, router_weights,
-                                  segmented_substitution_ppl, select_experts, served_events, simulate_request,
-                                  stream_arrivals,
-                                  substitution_ppl, visible_context, visible_trace)
+from coordinator.prefetch import (
+    LFU,
+    LRU,
+    GlobalFrequency,
+    Keyword,
+    NextBlockRouter,
+    Oracle,
+    PredictorError,
+    QualityError,
+    RandomPredictor,
+    Request,
+    RequestContext,
+    RoutingTrace,
+    RunAhead,
+    SelectionError,
+    ServingConfig,
+    UserHistogram,
+    build_predictor,
+    byte_metrics,
+    coarsen_segments,
+    evaluate_prefetch,
+    hit_rate,
+    idle_links,
+    knapsack_dp,
+    knapsack_greedy,
+    link_time,
+    recall_at_k,
+    remote_time,
+    route_trace,
+    router_weights,
+    segmented_substitution_ppl,
+    select_experts,
+    served_events,
+    simulate_request,
+    stream_arrivals,
+    substitution_ppl,
+    visible_context,
+    visible_trace,
+)
 from model.config import PRESETS
 from model.fractal_moe import build_model
 

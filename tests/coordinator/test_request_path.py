@@ -7,12 +7,12 @@ import asyncio
 
 import grpc
 import pytest
+from coordinator_harness import federation, meta, run
 
 from coordinator.dispatch import Dispatcher
 from coordinator.limits import RequestError
 from coordinator.registry import Registry
 from coordinator.routing import Router
-from coordinator_harness import federation, meta, run
 from proto import federation_pb2 as pb
 
 TEXT = "the cat sat on the mat and then the dog ran to the park"

@@ -11,20 +11,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import grpc
 import numpy as np
 import pytest
 import torch
-
 from coordinator_harness import ADMIN, NODE, meta, start_coordinator
 from live_coordinator import TEXT
+
 from model.config import PRESETS
 from model.soup_of_experts import SoupConfig, SoupOfExperts, unigram_log_tables, wire_meta, wire_records
 from node.actor import NodeHost
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.bundle import write_bundle
-
-import grpc
 
 pytestmark = pytest.mark.slow
 TINY = PRESETS["tiny"].model

@@ -15,8 +15,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.codecs import (CODECS, CodecError, EncodedTensor, codec_sizes, codec_throughput, decode_state_dict,
-                          decode_tensor, encode_state_dict, encode_tensor, fake_quantise)
+from model.codecs import (
+    CODECS,
+    CodecError,
+    EncodedTensor,
+    codec_sizes,
+    codec_throughput,
+    decode_state_dict,
+    decode_tensor,
+    encode_state_dict,
+    encode_tensor,
+    fake_quantise,
+)
 from model.config import PRESETS
 from model.entropy_coding import EntropyCodingError, decode_symbols, empirical_entropy_bits, encode_symbols
 from model.fractal_moe import build_model, expert_of
@@ -347,7 +357,8 @@ def test_qat_makes_the_ternary_model_better_than_post_training_ternarisation():
 
 def test_qat_refuses_bad_arguments():
     model = build_model(PRESETS["tiny"].model, 0)
-    batch = lambda: (torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))  # noqa: E731
+    def batch():
+        return (torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(CodecError, match="lossy"):
         ternary_qat(model, batch, steps=1, lr=1e-3, seed=0, codec="fp32")
     with pytest.raises(CodecError, match="steps"):

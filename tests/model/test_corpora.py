@@ -59,7 +59,7 @@ def entropy_bits(probs) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def test_persona_lists() -> None:
-    assert set(("programmer", "novelist", "scientist", "journalist")) <= set(SYNTHETIC_PERSONAS)
+    assert {"programmer", "novelist", "scientist", "journalist"} <= set(SYNTHETIC_PERSONAS)
     assert "stdlib" in REAL_PERSONAS
     assert TRAIN_PERSONAS == SYNTHETIC_PERSONAS + REAL_PERSONAS
     assert HELD_OUT_PERSONA not in TRAIN_PERSONAS

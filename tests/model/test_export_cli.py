@@ -1,4 +1,5 @@
-"""`python -m model export` writes a bundle that `python -m proto.bundle verify` accepts, and a damaged one it refuses."""
+"""`python -m model export` writes a bundle that `python -m proto.bundle verify` accepts, and a damaged one it
+refuses."""
 
 import subprocess
 import sys

@@ -118,16 +118,15 @@ def test_serving_restores_the_hooks_after_an_exception_and_nests():
     outer = torch.ones(cfg.n_layers, cfg.n_experts, dtype=torch.bool)
     outer[:, 1] = False
     with m.serving(available=outer, record_input=True):
-        with pytest.raises(RuntimeError, match="boom"):
-            with m.serving(forced_route=torch.zeros(cfg.n_layers, 4, dtype=torch.long)):
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"), \
+                m.serving(forced_route=torch.zeros(cfg.n_layers, 4, dtype=torch.long)):
+            raise RuntimeError("boom")
         # the outer block's state is back, not the defaults
         assert all(torch.equal(moe.available, outer[b]) and moe.forced_route is None and moe.record_input
                    for b, moe in enumerate(m.moes))
     assert all(h == (None, None, False) for h in _hooks(m)[:-1]) and not m.training
-    with pytest.raises(ValueError, match="one row per block"):
-        with m.serving(available=outer[0]):
-            pass
+    with pytest.raises(ValueError, match="one row per block"), m.serving(available=outer[0]):
+        pass
     assert all(h == (None, None, False) for h in _hooks(m)[:-1])
 
 

@@ -20,9 +20,9 @@ from model.config import PRESETS
 from model.fractal_moe import FractalMoE, build_model, is_norm_param
 from node.assembly import DecodedBundle
 from proto import federation_pb2 as pb
-from proto.bundle import encode_bundle
 from proto import federation_pb2_grpc as rpc
 from proto.auth_metadata import AUTH_HEADER, bearer_metadata, bearer_value
+from proto.bundle import encode_bundle
 
 TOKEN = "node-token-for-tests"
 META = bearer_metadata(TOKEN)

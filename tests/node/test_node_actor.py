@@ -11,14 +11,23 @@ import threading
 import grpc
 import pytest
 import torch
+from node_support import (
+    META,
+    TINY,
+    TOKEN,
+    FakeCoordinator,
+    Faults,
+    bundle_bytes,
+    log_softmax_next,
+    random_adapter,
+    serve_fake,
+    tiny_model,
+)
 
 from node.actor import NodeHost, SpecError
 from node.adapters import encode_adapter
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
-
-from node_support import (META, TINY, TOKEN, FakeCoordinator, Faults, bundle_bytes, log_softmax_next, random_adapter,
-                          serve_fake, tiny_model)
 
 MODEL = tiny_model(20)
 BUNDLE = bundle_bytes(MODEL)
@@ -74,7 +83,7 @@ def test_host_runs_two_virtual_nodes_sharing_weights():
             await asyncio.sleep(0.5)  # a couple of heartbeats (200 ms in the fake's Register reply)
             status = await host.status()
             coord.forget_nodes = True  # the coordinator "restarted": nodes must register again
-            before = len([r for r in coord.registered])
+            before = len(list(coord.registered))
             coord.registered.clear()
             await asyncio.sleep(0.5)
             reregistered = {k: list(v.user_ids) for k, v in coord.registered.items()}

@@ -9,14 +9,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from node_support import TINY, decoded, log_softmax_next, random_adapter, tiny_model
 
 from model.fractal_moe import build_model, expert_of
 from node.adapters import encode_adapter
 from node.assembly import AssemblyError, WeightStore, pack_mask, unpack_mask
 from node.errors import InstallFailed
 from node.runtime import VirtualNode
-
-from node_support import TINY, decoded, log_softmax_next, random_adapter, tiny_model
 
 MODEL = tiny_model(3)
 IDS = torch.randint(0, TINY.vocab_size, (48,), generator=torch.Generator().manual_seed(0)).tolist()

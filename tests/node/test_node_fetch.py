@@ -9,6 +9,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from node_support import META, FakeCoordinator, Faults, bundle_bytes, serve_fake, tiny_model
 
 from model.fractal_moe import expert_of
 from node.counting import ByteCounter, CountingChannel
@@ -16,8 +17,6 @@ from node.fetch import FetchError, FetchPolicy, fetch_bundle
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.bundle import encode_bundle, read_bundle_verified, read_manifest
-
-from node_support import META, FakeCoordinator, Faults, bundle_bytes, serve_fake, tiny_model
 
 # a real bundle of five experts of block 0 (fp32): about 11 chunks of 4 KiB
 DATA = bundle_bytes(tiny_model(0), lambda n: (expert_of(n) or (9, 9)) in {(0, e) for e in range(5)})

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from node_support import TINY, tiny_model
 
 from model import mixtures
 from model.evaluate import window_logps
 from node.inference import score_tokens, top_k
-
-from node_support import TINY, tiny_model
 
 MODEL = tiny_model(0)
 

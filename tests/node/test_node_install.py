@@ -7,6 +7,18 @@ import asyncio
 import grpc
 import pytest
 import torch
+from node_support import (
+    META,
+    TINY,
+    TOKEN,
+    FakeCoordinator,
+    Faults,
+    bundle_bytes,
+    log_softmax_next,
+    random_adapter,
+    serve_fake,
+    tiny_model,
+)
 
 from model.codecs import CODECS
 from model.fractal_moe import expert_of
@@ -18,9 +30,6 @@ from node.runtime import ControlLink, VirtualNode
 from node.server import start_node_server
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
-
-from node_support import (META, TINY, TOKEN, FakeCoordinator, Faults, bundle_bytes, log_softmax_next, random_adapter,
-                          serve_fake, tiny_model)
 
 MODEL_A, MODEL_B = tiny_model(10), tiny_model(11)
 IDS = torch.randint(0, TINY.vocab_size, (40,), generator=torch.Generator().manual_seed(9)).tolist()

@@ -8,6 +8,7 @@ import math
 import grpc
 import pytest
 import torch
+from node_support import META, TINY, TOKEN, decoded, log_softmax_next, random_adapter, tiny_model
 
 from model.evaluate import sample, token_logps
 from node.adapters import encode_adapter
@@ -17,13 +18,12 @@ from node.server import start_node_server
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 
-from node_support import META, TINY, TOKEN, decoded, log_softmax_next, random_adapter, tiny_model
-
 MODEL = tiny_model(0)
 
 
-def run_with_node(body, *, install: bool = True, limits: NodeLimits = NodeLimits()):
-    """Run ``body(node, stub)`` against a node serving MODEL on a loopback port."""
+def run_with_node(body, *, install: bool = True, limits: NodeLimits | None = None):
+    """Run ``body(node, stub)`` against a node serving MODEL on a loopback port (default limits unless given)."""
+    limits = limits or NodeLimits()
 
     async def main():
         node = VirtualNode("node-1", store=WeightStore(), limits=limits)

@@ -13,16 +13,22 @@ import dataclasses
 import grpc
 import pytest
 import torch
+from node_support import META, TINY, FakeCoordinator, bundle_bytes, log_softmax_next, tiny_model
+from test_node_install import IDS, run_node, score
 
 from model.codecs import decode_state_dict
 from model.fractal_moe import build_model
-from model.soup_of_experts import (SoupConfig, SoupOfExperts, estimate_domain_weights, soup_from_wire,
-                                   unigram_log_tables, wire_meta, wire_records)
+from model.soup_of_experts import (
+    SoupConfig,
+    SoupOfExperts,
+    estimate_domain_weights,
+    soup_from_wire,
+    unigram_log_tables,
+    wire_meta,
+    wire_records,
+)
 from proto import federation_pb2 as pb
 from proto.bundle import encode_bundle
-
-from node_support import META, TINY, FakeCoordinator, bundle_bytes, log_softmax_next, tiny_model
-from test_node_install import IDS, run_node, score
 
 DOMAINS = ("red", "green", "blue")
 STREAMS = [torch.randint(lo, lo + 100, (400,), generator=torch.Generator().manual_seed(i))

@@ -15,11 +15,36 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto.bundle import (HEADER_SIZE, MAGIC, Bundle, BundleError, BundleReader, ChecksumMismatch, Chunk,
-                          CorruptChunk, CorruptHeader, CorruptManifest, DuplicateChunk, InvalidRecord, MissingTensor,
-                          NotABundle, OutOfOrderChunk, OversizedChunk, ShapeMismatch, TensorRecord, TruncatedBundle,
-                          UnknownCodec, UnknownTensor, UnknownVersion, bundle_size, encode_bundle, iter_chunks,
-                          read_bundle_verified, read_manifest, sub_bundle, write_bundle)
+from proto.bundle import (
+    HEADER_SIZE,
+    MAGIC,
+    BundleError,
+    BundleReader,
+    ChecksumMismatch,
+    Chunk,
+    CorruptChunk,
+    CorruptHeader,
+    CorruptManifest,
+    DuplicateChunk,
+    InvalidRecord,
+    MissingTensor,
+    NotABundle,
+    OutOfOrderChunk,
+    OversizedChunk,
+    ShapeMismatch,
+    TensorRecord,
+    TruncatedBundle,
+    UnknownCodec,
+    UnknownTensor,
+    UnknownVersion,
+    bundle_size,
+    encode_bundle,
+    iter_chunks,
+    read_bundle_verified,
+    read_manifest,
+    sub_bundle,
+    write_bundle,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CODEC_NAMES = ("fp16", "ternary", "prune50+int8")
@@ -377,8 +402,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                          max_size=4),
                            max_leaves=20)
-entry_like = st.fixed_dictionaries({}, optional={k: json_values for k in ("name", "codec", "shape", "dtype", "meta",
-                                                                           "offset", "length", "sha256")})
+entry_like = st.fixed_dictionaries(
+    {}, optional=dict.fromkeys(("name", "codec", "shape", "dtype", "meta", "offset", "length", "sha256"), json_values))
 
 
 def framed(manifest: bytes, payload: bytes) -> bytes:

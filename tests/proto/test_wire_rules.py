@@ -44,7 +44,8 @@ BAD_IDS = ["", "alice\n", "\nalice", "al ice", "-alice", ".alice", "../etc", "a/
 
 
 def _sources() -> list[tuple[str, str]]:
-    return [(p.relative_to(ROOT).as_posix(), p.read_text()) for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
+    return [(p.relative_to(ROOT).as_posix(), p.read_text())
+            for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
 
 
 # --- ids -------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def test_message_limits_are_one_number():
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     assert message_size_options(5, send=False) == [("grpc.max_receive_message_length", 5)]
     assert {f.name: f.default for f in dataclasses.fields(CoordinatorConfig)}["max_message_bytes"] == MAX_MESSAGE_BYTES
-    assert node.actor.CHANNEL_OPTIONS == message_size_options()
+    assert message_size_options() == node.actor.CHANNEL_OPTIONS
     copies = [rel for rel, text in _sources()
               if re.search(r"max_(receive|send)_message_length|\b(8|16) \* 1024 \* 1024|\b16 << 20", text)]
     assert not copies, f"message size limits written outside proto/message_limits.py: {copies}"

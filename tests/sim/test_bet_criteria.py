@@ -9,8 +9,22 @@ import math
 import pytest
 
 from sim.bets import all_bets, get_bet
-from sim.bets.base import (CATASTROPHIC, FAILS, LENIENT, NEITHER, OPEN, STRICT, VERDICTS, WORKS, Bet, BetError,
-                           CatalogueResult, Criteria, geomean, ratio_verdict)
+from sim.bets.base import (
+    CATASTROPHIC,
+    FAILS,
+    LENIENT,
+    NEITHER,
+    OPEN,
+    STRICT,
+    VERDICTS,
+    WORKS,
+    Bet,
+    BetError,
+    CatalogueResult,
+    Criteria,
+    geomean,
+    ratio_verdict,
+)
 from sim.bets.runner import record, summary_markdown, to_json
 
 BETS = all_bets()
@@ -255,7 +269,7 @@ def test_bet102_criteria(sel, expect):
 
 def confusion(own_vs_best_other: list[tuple[float, float]]) -> dict:
     us = [f"u{i}" for i in range(len(own_vs_best_other))]
-    ppl = {a: {t: 1000.0 for t in us} for a in us}
+    ppl = {a: dict.fromkeys(us, 1000.0) for a in us}
     for i, (own, other) in enumerate(own_vs_best_other):
         ppl[us[i]][us[i]] = own
         ppl[us[(i + 1) % len(us)]][us[i]] = other
@@ -275,7 +289,8 @@ def test_bet61_criteria(pairs, expect):
 # ---- Bet 12: keyword prefetching -------------------------------------------------------------------------
 
 def prefetch(kw: tuple[float, float, float], glob=0.6, rand=0.5) -> dict:
-    row = lambda r, h=0.5, p=1.5: {"recall": r, "hit_rate": h, "ppl_ratio": p, "bytes_fraction": 0.5}  # noqa: E731
+    def row(r, h=0.5, p=1.5):
+        return {"recall": r, "hit_rate": h, "ppl_ratio": p, "bytes_fraction": 0.5}
     return {"experts_per_block": 8, "predictors": {
         "keyword": {"recall": kw[0], "hit_rate": kw[1], "ppl_ratio": kw[2], "bytes_fraction": 0.5},
         "global": row(glob), "random": row(rand), "oracle": row(1.0, 1.0, 1.0)}}
@@ -292,7 +307,8 @@ def test_bet12_criteria(kw, expect):
 # ---- Bet 101: weight space against output space --------------------------------------------------------
 
 def weight_space(ws: dict[str, float], spec=(20.0, 30.0), base=40.0, post=15.0) -> dict:
-    flat = lambda v: {"a": v, "b": v}  # noqa: E731 - the same ppl on both texts: gm = v
+    def flat(v):
+        return {"a": v, "b": v}  # the same ppl on both texts: gm = v
     ppl = {"base": flat(base), "mixture:posterior": flat(post), "mixture:uniform": flat(post + 1),
            "specialist:a": flat(spec[0]), "specialist:b": flat(spec[1]), **{k: flat(v) for k, v in ws.items()}}
     return {"personas": ["a", "b"], "weight_space_methods": list(ws), "specialists": ["specialist:a", "specialist:b"],
@@ -345,9 +361,10 @@ def test_summary_table_has_a_row_per_bet_and_escapes_pipes():
     recs = [record(BETS[38], {"ppl_ratio": 500.0, "unique_tokens_averaged": 2, "unique_tokens_original": 70,
                               "original_ppl": 1.0, "averaged_ppl": 500.0}, preset="tiny", seed=0),
             record(BETS[55], {"base_ppl": 10.0, "ensemble_ppl": 9.0, "best_adapter_ppl": 9.5,
-                              "posterior_ensemble_ppl": 9.1, "unknown_user": "a|b", "known": {}}, preset="tiny", seed=0)]
+                              "posterior_ensemble_ppl": 9.1, "unknown_user": "a|b", "known": {}},
+                   preset="tiny", seed=0)]
     md = summary_markdown(recs)
-    rows = [line for line in md.splitlines() if line.startswith("| 38_") or line.startswith("| 55_")]
+    rows = [line for line in md.splitlines() if line.startswith(("| 38_", "| 55_"))]
     assert len(rows) == 2
     assert "| CATASTROPHIC | yes |" in rows[0]
     assert "| STRICT | **no** |" in rows[1] and "a\\|b" in rows[1]

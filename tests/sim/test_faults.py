@@ -20,8 +20,16 @@ from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.auth_metadata import bearer_metadata
 from proto.bundle import encode_bundle, read_manifest
-from sim.faults import (Answer, FaultError, FaultSettings, FaultyLink, LinkFaults, answer_diff, run_faults,
-                        summarise_requests)
+from sim.faults import (
+    Answer,
+    FaultError,
+    FaultSettings,
+    FaultyLink,
+    LinkFaults,
+    answer_diff,
+    run_faults,
+    summarise_requests,
+)
 from sim.run import run_federation
 from sim.scenario import load, override
 
@@ -141,7 +149,7 @@ def test_fault_scenario_on_a_live_federation(tiny_suite, tmp_path):
     report = asyncio.run(run_federation(scn, tmp_path, suite=tiny_suite, progress=False,
                                         extra=lambda fed, rep: run_faults(fed, rep, light)))
     f = report["faults"]
-    assert f["checks"] == {k: True for k in f["checks"]} and f["passed"]
+    assert f["checks"] == dict.fromkeys(f["checks"], True) and f["passed"]
     assert set(f["checks"]) == {"all_answered", "no_wrong_answer", "no_adapter_lost", "users_failed_over",
                                 "registry_survived_restart", "cut_stream_resumed_from_offset",
                                 "corrupt_chunks_refetched", "persistent_corruption_never_installed"}

@@ -7,9 +7,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.network import (COORDINATOR, LINK_PRESETS, LinkProfile, NetworkError, TransferSimulator, VirtualClock,
-                         assign_links, expert_arrivals, get_link, link_from_dict, max_min_rates, resolve_link,
-                         simulate_transfers, write_events)
+from sim.network import (
+    COORDINATOR,
+    LINK_PRESETS,
+    LinkProfile,
+    NetworkError,
+    TransferSimulator,
+    VirtualClock,
+    assign_links,
+    expert_arrivals,
+    get_link,
+    link_from_dict,
+    max_min_rates,
+    resolve_link,
+    simulate_transfers,
+    write_events,
+)
 
 MB = 1_000_000  # bytes
 M = 1_000_000  # bits/s

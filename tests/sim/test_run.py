@@ -6,8 +6,8 @@ import asyncio
 import json
 import math
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,12 +23,12 @@ from model.tokenizer import encode
 from model.train import apply_adapter
 from proto import federation_pb2 as pb
 from sim.run import run_federation
-from sim.scenario import from_dict
+from sim.scenario import Scenario, from_dict
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_scenario(**sections) -> "Scenario":  # noqa: F821
+def tiny_scenario(**sections) -> Scenario:
     data = {"name": "test", "federation": {"nodes": 4, "preset": "tiny"},
             # fp32 on the wire, so the nodes' weights equal the in-process models exactly
             "model": {"expert_codec": "fp32", "other_codec": "fp32"},
@@ -138,12 +138,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_address_joins_an_existing_ray_cluster(tiny_suite, tmp_path):  # noqa: ARG001 - trains the cache
+def test_address_joins_an_existing_ray_cluster(tiny_suite, tmp_path):  # tiny_suite: trains the cache first
     """`ray start --head` here, then a federation on it through --address; only our own head is stopped."""
     ray_bin = Path(sys.executable).parent / "ray"
     assert ray_bin.exists(), "the ray CLI is installed with the project"
     port = _free_port()
-    log = open(tmp_path / "ray.log", "w")
+    log = open(tmp_path / "ray.log", "w")  # noqa: SIM115 - closed in the finally below, once the head is gone
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # AF_UNIX socket paths must stay under 108 bytes
     # --block keeps `ray start` in the foreground, so ending it ends this head's processes and no other Ray
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
@@ -160,7 +160,8 @@ def test_address_joins_an_existing_ray_cluster(tiny_suite, tmp_path):  # noqa: A
         # as a user would: the command line, in its own process (the tiny models come from the session cache)
         run = subprocess.run([sys.executable, "-m", "sim.run", "--nodes", "2", "--preset", "tiny", "--quiet",
                               "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "out")],
-                             capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                             capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
         assert run.returncode == 0, run.stderr[-3000:]
         report = json.loads((tmp_path / "out" / "report.json").read_text())
         assert report["nodes"] == 2 and report["requests"]["failed"] == 0
