@@ -11,7 +11,7 @@ Dependency rule: this module imports nothing else of ours but the generated ``fe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from . import federation_pb2 as pb
 
@@ -42,7 +42,8 @@ def kind_of_method(method: str) -> int:
 def kind_name(kind: int) -> str:
     """``BYTE_KIND_BUNDLE`` -> ``"BUNDLE"``; an unknown number as its decimal string."""
     try:
-        return pb.ByteKind.Name(kind).removeprefix("BYTE_KIND_")
+        # the stubs type enum values as a NewType of int that exists only for the type checker
+        return pb.ByteKind.Name(cast("pb.ByteKind.ValueType", kind)).removeprefix("BYTE_KIND_")
     except ValueError:
         return str(kind)
 

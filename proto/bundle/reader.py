@@ -88,7 +88,7 @@ class BundleReader:
         if self._error is not None:
             raise self._error
         total = self.total_size
-        if self._manifest is None or self._received < total:
+        if self._manifest is None or total is None or self._received < total:  # no manifest without a header
             where = "its header" if self._header is None else ("its manifest" if self._manifest is None else "")
             msg = (f"truncated: bundle ends at byte {self._received}"
                    + (f" of {total}" if total is not None else "") + (f", inside {where}" if where else ""))
@@ -99,6 +99,7 @@ class BundleReader:
     # -- internals
 
     def _feed(self, chunk: Chunk | bytes | bytearray | memoryview) -> list[TensorRecord]:
+        data: bytes | bytearray | memoryview
         if isinstance(chunk, Chunk):
             offset, data, crc = chunk.offset, chunk.data, chunk.crc32
         else:
@@ -133,10 +134,11 @@ class BundleReader:
         if len(self._head) == want:
             if self._header is None:
                 self._header = parse_header(self._head)
-                over = self._received + view.nbytes - self.total_size  # this chunk's end past the bundle's
+                total = self.total_size
+                assert total is not None  # the header, parsed just above, gives it
+                over = self._received + view.nbytes - total  # this chunk's end past the bundle's
                 if over > 0:
-                    raise OversizedChunk(f"oversized chunk: runs {over} bytes past the end of the "
-                                         f"{self.total_size}-byte bundle")
+                    raise OversizedChunk(f"oversized chunk: runs {over} bytes past the end of the {total}-byte bundle")
             else:
                 self._manifest = parse_manifest(self._header, memoryview(self._head)[HEADER_SIZE:])
                 check_entries(self._manifest, allowed_codecs=self._allowed, expected_shapes=self._expected)
@@ -144,6 +146,7 @@ class BundleReader:
         return used
 
     def _take_payload(self, view: memoryview, out: list[TensorRecord]) -> int:
+        assert self._manifest is not None  # payload bytes are taken only once the manifest is parsed
         entries = self._manifest.entries
         used = 0
         while self._index < len(entries):
