@@ -7,6 +7,7 @@ import hashlib
 
 import grpc
 
+from model.adapter_blob import AdapterError, check_adapter_blob
 from proto import federation_pb2 as pb
 
 from .auth import hash_token, new_token
@@ -38,6 +39,11 @@ class AdminRPCs:
             if adapter.sha256 and adapter.sha256 != sha:
                 raise invalid("adapter.sha256 does not match the adapter's data")
             check_id(adapter.format, "adapter.format", allow_empty=True)
+            try:
+                # refused here, not later by every node that would be asked to install it
+                check_adapter_blob(adapter.data, self.core.adapter_shapes(), fmt=adapter.format, who="adapter")
+            except AdapterError as err:
+                raise invalid(str(err)) from None
         existing = self.core.registry.get_user(user_id, with_adapter=False)
         token = new_token() if existing is None or request.rotate_token else ""
         user = self.core.registry.put_user(

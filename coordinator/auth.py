@@ -20,7 +20,7 @@ import grpc
 
 from proto.auth_metadata import BearerError, parse_bearer
 
-from .limits import RequestError
+from .limits import RequestError, attribute_call
 
 
 class Role(enum.Enum):
@@ -97,11 +97,21 @@ class Authenticator:
         return Principal(Role.USER, user_id)
 
     def client(self, metadata) -> Principal:
-        """A Federation caller: a user or the admin (the node token is refused)."""
+        """A Federation caller: a user or the admin (the node token is refused). A user token's
+        call counts as one of that user's requests (:func:`coordinator.limits.attribute_call`)."""
         principal = self.authenticate(metadata)
         if principal.role is Role.NODE:
             raise _denied("the node token does not reach the Federation service")
+        attribute_call(principal.user_id)
         return principal
+
+    def user_of(self, metadata) -> str:
+        """The user whose token ``metadata`` carries, "" for any other (or no valid) token."""
+        try:
+            principal = self.authenticate(metadata)
+        except RequestError:
+            return ""
+        return principal.user_id
 
     def admin(self, metadata) -> Principal:
         """The admin, else PERMISSION_DENIED (UNAUTHENTICATED for a bad token)."""

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import grpc
 
+from model.fractal_moe import is_norm_param
 from proto import federation_pb2 as pb
 
 from .auth import Authenticator
@@ -24,7 +25,7 @@ from .dispatch import Dispatcher, node_down, node_error
 from .limits import GuardInterceptor, RequestError
 from .nodes import NodeClients
 from .registry import NodeRecord, Registry, UserRecord
-from .routing import NodeUnavailable, NoNodeAvailable, Router, UnknownNode
+from .routing import BASE_MODEL, NodeUnavailable, NoNodeAvailable, Router, UnknownNode, WrongModel
 from .store import BundleIntegrityError, BundleNameError, BundleNotFound, BundleRangeError, BundleStore, StoreError
 from .tokens import Tokenizer
 from .traffic import Traffic
@@ -41,6 +42,8 @@ def _translate(err: Exception) -> RequestError | None:
         return RequestError(grpc.StatusCode.UNAVAILABLE, str(err))
     if isinstance(err, NodeUnavailable):
         return RequestError(grpc.StatusCode.UNAVAILABLE, str(err))
+    if isinstance(err, WrongModel):
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err))
     if isinstance(err, UnknownNode):
         return RequestError(grpc.StatusCode.NOT_FOUND, f"unknown node {err.node_id!r}")
     if isinstance(err, BundleNotFound):
@@ -115,6 +118,7 @@ class Core:
         self.tokenizer = tokenizer
         self.guard = guard
         self.auth = Authenticator(config.admin_token, config.node_token, registry.user_for_token_hash)
+        guard.identify = self.auth.user_of
         self.clients = NodeClients(traffic, config.node_token, max_message_bytes=config.max_message_bytes,
                                    root_certificates=config.node_tls_ca.read_bytes() if config.node_tls_ca else None)
         self.router = Router(registry)
@@ -184,6 +188,15 @@ class Core:
             await self.clients.unload_user(node, pb.UnloadUserRequest(user_id=user_id),
                                            timeout=self.config.node_timeout_s)
 
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """The base model's norm parameters ({name: shape}) from the base bundles in the store: what
+        an uploaded adapter must fit; None while the store holds no base bundle."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for bundle in self.store.list():
+            if bundle.model == BASE_MODEL:
+                shapes.update({k: v for k, v in self.store.shapes(bundle.name).items() if is_norm_param(k)})
+        return shapes or None
+
     def note_registered(self, node_id: str) -> None:
         """A node (re)registered: if it accepted an InstantiateSoup before, re-apply it once it is healthy."""
         if self.registry.get_soup(node_id) is not None:
@@ -217,32 +230,32 @@ class Core:
             self.traffic.failed_over(user_id)
 
     def stats(self, user_id: str | None) -> pb.Stats:
-        """Byte and request counters: the whole federation's (None), or one user's."""
+        """Byte and request counters: the whole federation's (None), or one user's (the Federation
+        RPCs made with that user's token or, by the admin, for that user)."""
         stats = self.traffic.stats(user_id)
+        c = self.guard.counters
         if user_id is None:
-            counters = self.guard.counters
-            stats.requests_ok = counters.ok.get("Federation", 0)
-            stats.requests_failed = counters.failed.get("Federation", 0)
-            stats.requests_shed = counters.shed.get("Federation", 0)
+            stats.requests_ok = c.ok.get("Federation", 0)
+            stats.requests_failed = c.failed.get("Federation", 0)
+            stats.requests_shed = c.shed.get("Federation", 0)
             stats.requests_failed_over = self.traffic.requests_failed_over
         else:
+            stats.requests_ok = c.user_ok.get(user_id, 0)
+            stats.requests_failed = c.user_failed.get(user_id, 0)
+            stats.requests_shed = c.user_shed.get(user_id, 0)
             stats.requests_failed_over = self.traffic.requests_failed_over_by_user.get(user_id, 0)
         return stats
 
     def request_counters(self) -> dict[str, int]:
-        """The guard's outcome counters, flattened for persistence."""
-        c = self.guard.counters
-        out = {}
-        for name, table in (("ok", c.ok), ("failed", c.failed), ("shed", c.shed)):
-            for service, value in table.items():
-                out[f"{name}.{service}"] = value
+        """The guard's outcome counters, flattened for persistence ("ok.Federation", "user_ok.alice")."""
+        out = {f"{name}.{key}": value for name, table in self.guard.counters.tables().items()
+               for key, value in table.items()}
         out["failed_over"] = self.traffic.requests_failed_over
         return out
 
     def restore_counters(self, values: dict[str, int]) -> None:
         """Reload counters saved by :meth:`request_counters`."""
-        c = self.guard.counters
-        tables = {"ok": c.ok, "failed": c.failed, "shed": c.shed}
+        tables = self.guard.counters.tables()
         for key, value in values.items():
             name, _, service = key.partition(".")
             if name in tables and service:

@@ -16,7 +16,17 @@ from .admin import AdminRPCs
 from .auth import Principal, require_user_access
 from .core import Core, handles_errors, handles_stream_errors, not_found, precondition
 from .generation import generate_mixture, generate_single
-from .limits import check_enum, check_float, check_id, check_int, check_prior, check_text, check_token_count, invalid
+from .limits import (
+    attribute_call,
+    check_enum,
+    check_float,
+    check_id,
+    check_int,
+    check_prior,
+    check_text,
+    check_token_count,
+    invalid,
+)
 from .registry import UserRecord
 from .scoring import score
 
@@ -41,6 +51,7 @@ class FederationService(AdminRPCs, rpc.FederationServicer):
         if not user_id:
             return principal, None
         require_user_access(principal, user_id)
+        attribute_call(user_id)
         return principal, self.core.user(user_id, with_adapter=with_adapter)
 
     def _encode(self, text: str, what: str, *, min_tokens: int) -> list[int]:
@@ -132,6 +143,8 @@ class FederationService(AdminRPCs, rpc.FederationServicer):
         principal = self.core.auth.client(context.invocation_metadata())
         check_id(request.user_id, "user_id", allow_empty=True)
         if principal.is_admin:
+            if request.user_id:
+                self.core.user(request.user_id, with_adapter=False)  # NOT_FOUND, as every other RPC
             return self.core.stats(request.user_id or None)
         if request.user_id and request.user_id != principal.user_id:
             require_user_access(principal, request.user_id)

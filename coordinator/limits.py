@@ -8,6 +8,7 @@ and counts outcomes.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -141,15 +142,44 @@ def _malformed_message(item: _Malformed) -> str:
 
 @dataclass
 class RequestCounters:
-    """Outcomes of capped RPCs, by service short name ("Federation", "NodeControl")."""
+    """Outcomes of capped RPCs, by service short name ("Federation", "NodeControl"), and of the
+    Federation RPCs made for each user (``user_ok`` etc., by user id; see :func:`attribute_call`)."""
 
     ok: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     shed: dict[str, int] = field(default_factory=dict)
+    user_ok: dict[str, int] = field(default_factory=dict)
+    user_failed: dict[str, int] = field(default_factory=dict)
+    user_shed: dict[str, int] = field(default_factory=dict)
 
     def bump(self, table: dict[str, int], service: str) -> None:
         """Add one to ``table[service]``."""
         table[service] = table.get(service, 0) + 1
+
+    def tables(self) -> dict[str, dict[str, int]]:
+        """Every table by its name (the names persistence uses)."""
+        return {"ok": self.ok, "failed": self.failed, "shed": self.shed, "user_ok": self.user_ok,
+                "user_failed": self.user_failed, "user_shed": self.user_shed}
+
+
+class _Call:
+    """Who one RPC is for; set by the servicer once it has authenticated the caller."""
+
+    __slots__ = ("user_id",)
+
+    def __init__(self) -> None:
+        self.user_id = ""
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("fractal_call", default=None)
+
+
+def attribute_call(user_id: str) -> None:
+    """Count the RPC in progress (its outcome, once known) as one made for ``user_id``: the
+    user of a user token, or the user an admin request names. Outside a guarded RPC: nothing."""
+    call = _CALL.get()
+    if call is not None and user_id:
+        call.user_id = user_id
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
@@ -163,6 +193,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self.caps = dict(caps)
         self.inflight = dict.fromkeys(caps, 0)
         self.counters = RequestCounters()
+        # the user behind a shed call's metadata ("" for none): set by the coordinator, which
+        # knows the tokens; a shed call never reaches a servicer that could say it
+        self.identify: Callable[[object], str] = lambda metadata: ""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -188,20 +221,28 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer)
         return handler  # no bidirectional streams in this API
 
-    async def _admit(self, service: str, short: str, context) -> None:
+    async def _admit(self, service: str, short: str, context) -> _Call:
         if self.inflight[service] >= self.caps[service]:
             self.counters.bump(self.counters.shed, short)
+            user_id = self.identify(context.invocation_metadata())
+            if user_id:
+                self.counters.bump(self.counters.user_shed, user_id)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{short}: {self.caps[service]} RPCs in flight; retry later")
         self.inflight[service] += 1
+        call = _Call()
+        _CALL.set(call)
+        return call
 
-    def _done(self, service: str, short: str, ok: bool) -> None:
+    def _done(self, service: str, short: str, ok: bool, call: _Call) -> None:
         self.inflight[service] -= 1
         self.counters.bump(self.counters.ok if ok else self.counters.failed, short)
+        if call.user_id:
+            self.counters.bump(self.counters.user_ok if ok else self.counters.user_failed, call.user_id)
 
     def _unary(self, behavior, service: str, short: str, *, streamed_input: bool = False):
         async def wrapped(request, context):
-            await self._admit(service, short, context)
+            call = await self._admit(service, short, context)
             ok = False
             try:
                 if streamed_input:
@@ -212,12 +253,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 ok = context.code() in (None, grpc.StatusCode.OK)
                 return reply
             finally:
-                self._done(service, short, ok)
+                self._done(service, short, ok, call)
         return wrapped
 
     def _unary_stream(self, behavior, service: str, short: str):
         async def wrapped(request, context):
-            await self._admit(service, short, context)
+            call = await self._admit(service, short, context)
             ok = False
             try:
                 if isinstance(request, _Malformed):
@@ -226,7 +267,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                     yield item
                 ok = context.code() in (None, grpc.StatusCode.OK)
             finally:
-                self._done(service, short, ok)
+                self._done(service, short, ok, call)
         return wrapped
 
 

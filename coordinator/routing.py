@@ -7,7 +7,7 @@
 - When the user's node is down (or fails during the request), the adapter moves to the healthy
   base node with the fewest users: the fallback order of a user's decision is that placement order.
 - A mixture component names a model ("base" or a specialist); any healthy node serving it will do,
-  unless it is pinned to one node.
+  unless it is pinned to one node, which must then serve that model.
 
 Routing only decides. :class:`coordinator.dispatch.Dispatcher` acts on a decision: it ships the
 adapter where the decision moves it, calls the node, and fails over down the fallback order.
@@ -43,6 +43,13 @@ class UnknownNode(KeyError):
     def __init__(self, node_id: str) -> None:
         super().__init__(node_id)
         self.node_id = node_id
+
+
+class WrongModel(Exception):
+    """A request pinned a node that serves another model than the one it asked for."""
+
+    def __init__(self, node_id: str, served: str, asked: str) -> None:
+        super().__init__(f"node {node_id!r} serves model {served!r}, not {asked!r} as the component asks")
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,9 @@ class Router:
         node = self.registry.get_node(node_id)
         if node is None:
             raise UnknownNode(node_id)
+        if node.model != model:
+            # served by that node, the reply would carry another model's figures under this name
+            raise WrongModel(node_id, node.model, model)
         if not node.healthy or node_id in exclude:
             raise NoNodeAvailable(f"node {node_id!r} is not healthy")
         return Decision((node,), "pinned", adapter)

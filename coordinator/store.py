@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto.bundle.errors import BundleError
+from proto.bundle.format import HEADER_SIZE, parse_header, parse_manifest
 from proto.ids import is_valid_bundle_name
 
 DEFAULT_CHUNK = 256 * 1024
@@ -119,6 +122,7 @@ class BundleStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.chunk_size = chunk_size
         self._meta: dict[str, BundleMeta] = {}
+        self._shapes: dict[tuple[str, bytes], dict[str, tuple[int, ...]]] = {}
 
     def _data(self, name: str) -> Path:
         return self.root / f"{name}.bundle"
@@ -199,6 +203,21 @@ class BundleStore:
         """Every bundle in the store, by name."""
         names = sorted(p.name[: -len(".bundle")] for p in self.root.glob("*.bundle"))
         return [self.get(n) for n in names if is_valid_bundle_name(n)]
+
+    def shapes(self, name: str) -> dict[str, tuple[int, ...]]:
+        """{tensor name: shape} from bundle ``name``'s manifest (read once per version of the bundle);
+        {} for a file that is not a readable bundle."""
+        meta = self.get(name)
+        key = (name, meta.sha256)
+        if key not in self._shapes:
+            try:
+                with self._data(name).open("rb") as f:
+                    header = parse_header(f.read(HEADER_SIZE))
+                    manifest = parse_manifest(header, f.read(header.manifest_length))
+                self._shapes[key] = {e.name: e.shape for e in manifest.entries}
+            except (BundleError, OSError, ValueError, struct.error):
+                self._shapes[key] = {}
+        return self._shapes[key]
 
     def delete(self, name: str) -> bool:
         """Remove a bundle; False when absent."""

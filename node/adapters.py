@@ -18,18 +18,13 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from model.adapter_blob import ADAPTER_FORMAT, AdapterError, check_adapter_blob, encode_adapter
 from model.fractal_moe import is_norm_param
 from proto.ids import is_valid_id
 
-ADAPTER_FORMAT = "safetensors"
-
-
-class AdapterError(ValueError):
-    """An adapter blob is malformed or does not fit the node's model."""
+__all__ = ["ADAPTER_FORMAT", "AdapterError", "AdapterStore", "UserAdapter", "decode_adapter", "encode_adapter",
+           "norm_shapes"]
 
 
 @dataclass(frozen=True)
@@ -42,51 +37,19 @@ class UserAdapter:
     nbytes: int
 
 
-def encode_adapter(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float16) -> bytes:
-    """A norm-only adapter (e.g. ``model.train.adapter_state``) as the safetensors blob nodes accept."""
-    bad = [k for k in state if not is_norm_param(k)]
-    if bad:
-        raise AdapterError(f"not an adapter parameter: {bad[0]}")
-    return st_save({k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()})
-
-
 def decode_adapter(user_id: str, data: bytes, expected: dict[str, tuple[int, ...]], *,
                    fmt: str = ADAPTER_FORMAT, sha256: bytes = b"") -> UserAdapter:
     """Parse and check an adapter blob against the model's norm shapes ``expected`` ({name: shape}).
 
-    Raises AdapterError on a bad user id, an unknown format, a sha256 that does not match, an
-    unreadable blob, a tensor that is not a norm parameter of this model, a wrong shape or dtype,
-    or a non-finite value.
+    Raises AdapterError on a bad user id, a sha256 that does not match, or anything
+    :func:`model.adapter_blob.check_adapter_blob` refuses (the coordinator's check on upload).
     """
     if not is_valid_id(user_id):
         raise AdapterError(f"invalid user id {user_id!r}")
-    if fmt not in ("", ADAPTER_FORMAT):
-        raise AdapterError(f"adapter format {fmt!r} is not supported (only {ADAPTER_FORMAT!r})")
-    if not data:
-        raise AdapterError(f"adapter of user {user_id!r} is empty")
     digest = hashlib.sha256(data).digest()
-    if sha256 and sha256 != digest:
+    if data and sha256 and sha256 != digest:
         raise AdapterError(f"adapter of user {user_id!r}: sha256 does not match its data")
-    try:
-        raw = st_load(bytes(data))
-    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise AdapterError(f"adapter of user {user_id!r} is not a readable safetensors blob: "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not raw:
-        raise AdapterError(f"adapter of user {user_id!r} holds no tensor")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in raw.items():
-        if name not in expected:
-            raise AdapterError(f"adapter of user {user_id!r}: {name!r} is not a norm parameter of the model")
-        if tuple(t.shape) != tuple(expected[name]):
-            raise AdapterError(f"adapter of user {user_id!r}: {name} has shape {list(t.shape)}, "
-                               f"the model's is {list(expected[name])}")
-        if not t.is_floating_point():
-            raise AdapterError(f"adapter of user {user_id!r}: {name} has dtype {t.dtype}, not a float")
-        t = t.float()
-        if not bool(torch.isfinite(t).all()):
-            raise AdapterError(f"adapter of user {user_id!r}: {name} holds NaN or infinite values")
-        tensors[name] = t
+    tensors = check_adapter_blob(data, expected, fmt=fmt, who=f"adapter of user {user_id!r}")
     return UserAdapter(user_id=user_id, tensors=tensors, sha256=digest, nbytes=len(data))
 
 

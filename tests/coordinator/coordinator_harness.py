@@ -14,11 +14,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import torch
+from safetensors.torch import load as st_load
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import CoordinatorHandle, serve
 from coordinator.tokens import load_tokenizer
+from model.adapter_blob import encode_adapter
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.auth_metadata import bearer_metadata
@@ -64,7 +67,7 @@ def bigram_table(seed: int) -> np.ndarray:
 def adapted_table(seed: int, adapter: bytes) -> np.ndarray:
     """The fake model with a user's adapter applied."""
     logits = np.random.default_rng(seed).normal(0.0, 1.5, size=(vocab_size(), vocab_size()))
-    logits[:, adapter[0] % vocab_size()] += ADAPTER_BONUS
+    logits[:, adapter_boost(adapter) % vocab_size()] += ADAPTER_BONUS
     return log_softmax(logits)
 
 
@@ -74,8 +77,15 @@ def expected_logps(table: np.ndarray, ids: list[int]) -> np.ndarray:
 
 
 def make_adapter(user_id: str, boost_token: int) -> bytes:
-    """An adapter blob that boosts ``boost_token``."""
-    return bytes([boost_token]) + user_id.encode()
+    """An adapter blob that boosts ``boost_token``: a real (safetensors, norm-only) adapter whose
+    ``ln_f.bias`` holds the token id, and a value per character of the user id so blobs differ."""
+    values = [float(boost_token), *(float(ord(c)) for c in user_id)]
+    return encode_adapter({"ln_f.bias": torch.tensor(values)}, dtype=torch.float32)
+
+
+def adapter_boost(adapter: bytes) -> int:
+    """The token an adapter made by :func:`make_adapter` boosts."""
+    return int(st_load(adapter)["ln_f.bias"][0])
 
 
 class FakeNodeService(rpc.NodeServicer):

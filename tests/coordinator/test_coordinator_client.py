@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import grpc
-from coordinator_harness import ADMIN, NODE, encode, federation, run, write_tokenizer
+from coordinator_harness import ADMIN, NODE, encode, federation, make_adapter, run, write_tokenizer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator import client
@@ -53,7 +53,7 @@ def test_cli_covers_the_client_rpcs_and_prints_one_line_errors(tmp_path):
             await fed.add_node("n1", seed=1)
             await fed.add_node("s1", seed=2, model="novelist")
             adapter = tmp_path / "alice.safetensors"
-            adapter.write_bytes(bytes([3]) + b"alice-adapter")
+            adapter.write_bytes(make_adapter("alice", 3))
             addr = fed.coordinator.address
             rc, out, err = await cli(addr, "put-user", "alice", "--persona", "novelist", "--adapter", str(adapter),
                                      token=ADMIN)
