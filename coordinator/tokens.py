@@ -50,8 +50,15 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str | Path) -> HFTokenizer:
-    """The tokenizer saved at ``path`` (a tokenizer.json)."""
-    return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)))
+    """The tokenizer saved at ``path`` (a tokenizer.json); ValueError with a one-line message
+    naming the path when it is missing or not a tokenizer."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path}: no such file (the models' tokenizer.json; see --help)")
+    try:
+        return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)))
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        raise ValueError(f"tokenizer {path} is not a tokenizer.json: {str(err).splitlines()[0]}") from None
 
 
 class IncrementalDecoder:

@@ -43,7 +43,7 @@ class Suite:
     """
 
     def __init__(self, preset: Preset | str = "small", seed: int = 0, *, use_cache: bool = True,
-                 corpus_dir: str | Path | None = None, progress: bool = True) -> None:
+                 corpus_dir: str | Path | None = None, corpus_chars: int = 0, progress: bool = True) -> None:
         base_preset = get_preset(preset) if isinstance(preset, str) else preset
         self.preset = base_preset.with_seed(seed)
         self.seed = seed
@@ -64,12 +64,16 @@ class Suite:
         for src in corpora.user_sources(self.held_out, self.preset.users_per_persona, seed):
             self.sources[src.name] = src
             self.unknown_users.append(src.name)
+        # --corpus users train on their first corpus_chars characters (0: as the built-in users)
+        self.corpus_chars = corpus_chars
+        self.corpus_users: list[str] = []
         if corpus_dir is not None:
             for src in corpora.folder_sources(corpus_dir):
                 if src.name in self.sources:
                     raise corpora.CorpusError(f"--corpus user {src.name!r} clashes with a built-in name")
                 self.sources[src.name] = src
                 self.known_users.append(src.name)
+                self.corpus_users.append(src.name)
         self._ids: dict[tuple[str, str], torch.Tensor] = {}
         self._texts: dict[tuple[str, str], str] = {}
         self._states: dict[str, dict[str, torch.Tensor]] = {}
@@ -85,8 +89,17 @@ class Suite:
             n = self.preset.eval_chars if split == "eval" else self.preset.corpus_chars
             if split == "train" and name not in self.personas:
                 n = int(n * USER_TRAIN_FRACTION)
+            if split == "train" and name in self.corpus_users and self.corpus_chars:
+                n = self.corpus_chars
             self._texts[key] = self.sources[name].text(split, n)
         return self._texts[key]
+
+    def available_chars(self, name: str, split: str) -> int | None:
+        """Characters a --corpus user's split holds in all (None for generated text, unbounded)."""
+        src = self.sources[name]
+        if not isinstance(src, corpora.FolderSource):
+            return None
+        return len(src.train_text if split == "train" else src.eval_text)
 
     def ids(self, name: str, split: str) -> torch.Tensor:
         """Token ids of :meth:`text`: (N,) long."""

@@ -202,6 +202,7 @@ def to_markdown(r: dict) -> str:
         floor = "" if u["bpc_floor"] is None else f"{u['bpc_floor']:.3f}"
         lines.append(f"| {u['user']} | {u['node']} | {u['own_ppl']:.2f} | {u['base_ppl']:.2f} "
                      f"| {u['own_bpc']:.3f} | {floor} |")
+    lines += corpus_text_lines(q["users"])
     s_ = q["summary"]
     lines += ["", f"Own adapter beats base for {s_['own_beats_base']} of {s_['users']} users "
                   f"(median ppl ratio own/base {s_['median_own_over_base']:.3f})."]
@@ -236,6 +237,20 @@ def to_markdown(r: dict) -> str:
             lines += ["", f"## {extra.capitalize()}", "", "```json", json.dumps(r[extra], indent=1)[:4000], "```"]
     lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in r.get("plots", [])), ""]
     return "\n".join(lines)
+
+
+def corpus_text_lines(users: list[dict]) -> list[str]:
+    """One line per --corpus user: characters its adapter trained on, of how many, and scored."""
+    lines = []
+    seen = set()
+    for u in users:
+        if u.get("train_chars_available") is None or u["user"] in seen:
+            continue
+        seen.add(u["user"])
+        lines.append(f"- {u['user']} (--corpus): adapter trained on {u['train_chars']:,} of "
+                     f"{u['train_chars_available']:,} characters; {u['scored_chars']:,} scored per request "
+                     "(raise federation.corpus_chars and workload.score_chars to use more)")
+    return ["", *lines] if lines else []
 
 
 def write_report(report: dict, out: Path, events: list[dict]) -> None:

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from coordinator.limits import ID_RE
 from model.config import ConfigError, get_preset
 from model.corpora import CorpusError
 from model.pipeline import Suite
@@ -38,7 +39,9 @@ def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool 
     preset = get_preset(scn.federation.preset)
     if scn.federation.users_per_persona:
         preset = dataclasses.replace(preset, users_per_persona=scn.federation.users_per_persona)
-    suite = Suite(preset, scn.federation.seed, corpus_dir=corpus_dir, progress=progress)
+    suite = Suite(preset, scn.federation.seed, corpus_dir=corpus_dir, corpus_chars=scn.federation.corpus_chars,
+                  progress=progress)
+    check_corpus_users(suite.corpus_users, corpus_dir)
     bad = [s for s in scn.specialists() if s not in suite.personas]
     if bad:
         raise ScenarioError(f"model.specialists: {bad[0]!r} is not a training persona "
@@ -51,6 +54,25 @@ def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool 
     if scn.soup_nodes():
         soup.bank(scn, suite)
     return suite
+
+
+def check_corpus_users(names: list[str], corpus_dir: str | None) -> None:
+    """Refuse, before any training, a --corpus sub-folder whose name cannot be a user id (the
+    coordinator would refuse the user only after the models trained)."""
+    for name in names:
+        if not ID_RE.fullmatch(name):
+            raise CorpusError(f"--corpus {corpus_dir}: sub-folder {name!r} is not a valid user id (1 to 64 of "
+                              "A-Z a-z 0-9 . _ -, starting with a letter or digit); rename the folder")
+
+
+REPORT_FILES = ("report.json", "report.md", "events.jsonl")
+
+
+def clear_report(out: Path) -> None:
+    """Remove a previous run's report and plots from ``out``, so that a run that fails leaves no
+    report that is not its own (its work/ folder is the run's to reuse)."""
+    for path in [*(out / name for name in REPORT_FILES), *out.glob("*.png")]:
+        path.unlink(missing_ok=True)
 
 
 def link_names(scn: Scenario) -> tuple[list[str], dict[str, network.LinkProfile]]:
@@ -70,6 +92,7 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
     """
     t_start = time.perf_counter()
     phases: dict[str, float] = {}
+    clear_report(out)
     t = time.perf_counter()
     suite = suite or build_suite(scn, corpus_dir=corpus_dir, progress=progress)
     phases["models (train or cache)"] = time.perf_counter() - t
@@ -83,7 +106,7 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
         t = time.perf_counter()
         workload = await Driver(fed).run()
         phases["workload"] = time.perf_counter() - t
-        stats = stats_to_dict(fed.handle.traffic.stats())
+        stats = stats_to_dict(fed.handle.core.stats(None))  # bytes and request counters
         report = assemble(scn, fed, stats, workload, links)
         report["memory"] = await fed.memory()  # RSS and PSS of every node actor, per node
         if extra is not None:
@@ -168,7 +191,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     ap.add_argument("--codec", help="codec of the expert weights on the wire (default int8)")
     ap.add_argument("--nodes-per-actor", type=int, help="virtual nodes packed into one Ray actor (default 1)")
-    ap.add_argument("--corpus", metavar="DIR", help="your own users' text: one sub-folder per user")
+    ap.add_argument("--corpus", metavar="DIR",
+                    help="your own users' text: one sub-folder per user, named as a user id (A-Z a-z 0-9 . _ -); "
+                         "each adapter trains on the first federation.corpus_chars characters of its user's text "
+                         "(default: the preset's, 75,000 at small) and workload.score_chars are scored per "
+                         "request; the report gives both per user")
     ap.add_argument("--soup-nodes", type=int, metavar="N",
                     help="Soup-of-Experts nodes (default: 2 in a federation of 16 nodes or more, else 0)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")

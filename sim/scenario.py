@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.codecs import CODECS
+
 
 class ScenarioError(ValueError):
     """A scenario file or override is invalid; the message names the key at fault."""
@@ -35,6 +37,9 @@ class FederationSection:
     users_per_persona: int = 0  # 0: the preset's own number
     nodes_per_actor: int = 1  # virtual nodes packed into one Ray actor process
     address: str = ""  # Ray cluster address; "" starts a local Ray
+    # Characters of each --corpus user's own text its adapter trains on; 0: the preset's (a quarter
+    # of its corpus_chars: 75,000 at small). The report says how many were used and scored.
+    corpus_chars: int = 0
 
     def validate(self) -> None:
         """Raise ScenarioError on out-of-range values."""
@@ -43,6 +48,8 @@ class FederationSection:
                f"must be one of tiny, small, 30m, got {self.preset!r}")
         _check(self.users_per_persona >= 0, "federation.users_per_persona", "must be >= 0")
         _check(self.nodes_per_actor >= 1, "federation.nodes_per_actor", "must be >= 1")
+        _check(self.corpus_chars == 0 or 1000 <= self.corpus_chars <= 1_000_000_000, "federation.corpus_chars",
+               f"must be 0 (the preset's) or between 1000 and 1000000000, got {self.corpus_chars}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +64,9 @@ class ModelSection:
 
     def validate(self) -> None:
         """Raise ScenarioError on out-of-range values."""
-        _check(bool(self.expert_codec), "model.expert_codec", "must not be empty")
+        for key in ("expert_codec", "other_codec"):
+            codec = getattr(self, key)
+            _check(codec in CODECS, f"model.{key}", f"unknown codec {codec!r}; choose one of {' '.join(CODECS)}")
         _check(len(set(self.specialists)) == len(self.specialists), "model.specialists", "has duplicates")
         _check("auto" not in self.specialists or self.specialists == ["auto"], "model.specialists",
                '"auto" stands alone')

@@ -86,6 +86,11 @@ class Driver:
                 "tokens": len(own.logprobs), "own_ppl": own.perplexity, "base_ppl": base.perplexity,
                 "own_bpc": own.bits_per_char, "base_bpc": base.bits_per_char, "bpc_floor": src.floor_bpc,
                 "own_beats_base": own.perplexity < base.perplexity,
+                # what the adapter saw of the user's text, of how much there is (None: generated), and
+                # what this request scored
+                "train_chars": len(self.suite.text(user, "train")),
+                "train_chars_available": self.suite.available_chars(user, "train"),
+                "scored_chars": own.scored_chars,
             })
 
     async def unknown_user(self, user: str) -> None:

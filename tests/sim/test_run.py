@@ -87,6 +87,14 @@ def test_report_files_and_keys(federation_run):
     assert all(a["rss_bytes"] > 10_000_000 for a in mem["actors"])  # a live process with torch loaded
 
 
+def test_the_coordinators_request_counters_reach_the_report(federation_run):
+    report, _, out, _ = federation_run
+    counted = json.loads((out / "report.json").read_text())["coordinator_requests"]
+    # every workload request went through the Federation service (so did the set-up's admin calls)
+    ok = report["requests"]["total"] - report["requests"]["failed"]
+    assert ok > 0 and counted["requests_ok"] >= ok
+
+
 def test_bundle_bytes_equal_the_bundle_files(federation_run):
     report, _, out, _ = federation_run
     sizes = {b["name"]: (out / "work" / "bundles" / f"{b['name']}.ffb").stat().st_size for b in report["bundles"]}
