@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from coordinator.limits import ID_RE
 from model.config import ConfigError, get_preset
 from model.corpora import CorpusError
 from model.pipeline import Suite
+from proto.ids import is_valid_id
 
 from . import extras, network, soup
 from .federation import FederationError, LocalFederation
@@ -60,7 +60,7 @@ def check_corpus_users(names: list[str], corpus_dir: str | None) -> None:
     """Refuse, before any training, a --corpus sub-folder whose name cannot be a user id (the
     coordinator would refuse the user only after the models trained)."""
     for name in names:
-        if not ID_RE.fullmatch(name):
+        if not is_valid_id(name):
             raise CorpusError(f"--corpus {corpus_dir}: sub-folder {name!r} is not a valid user id (1 to 64 of "
                               "A-Z a-z 0-9 . _ -, starting with a letter or digit); rename the folder")
 
