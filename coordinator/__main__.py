@@ -13,9 +13,9 @@ import signal
 import sys
 from pathlib import Path
 
-from proto.message_limits import MAX_MESSAGE_BYTES
+from proto.message_limits import MAX_MESSAGE_BYTES, MIB
 
-from .config import KIB, MIB, CoordinatorConfig, CoordinatorConfigError
+from .config import KIB, CoordinatorConfig, CoordinatorConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

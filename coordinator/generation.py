@@ -16,13 +16,14 @@ import numpy as np
 from model.mixtures import normalised_prior
 from model.sampling import sample_token
 from proto import federation_pb2 as pb
+from proto.model_labels import BASE_MODEL
 
 from .core import Core, first_error
 from .dispatch import node_down, node_error
 from .limits import RequestError
 from .mixture import distribution_from_reply, mix_step, update_log_weights
 from .registry import UserRecord
-from .routing import BASE_MODEL, Route
+from .routing import Route
 from .tokens import IncrementalDecoder
 
 

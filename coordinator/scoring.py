@@ -14,13 +14,13 @@ import grpc
 import numpy as np
 
 from proto import federation_pb2 as pb
-from proto.model_labels import model_label
+from proto.model_labels import BASE_MODEL, model_label
 
 from .core import Core, first_error
 from .limits import RequestError
 from .mixture import score_mixture
 from .registry import UserRecord
-from .routing import BASE_MODEL, Decision, Route
+from .routing import Decision, Route
 
 
 def check_logprobs(values, expected: int, node_id: str) -> np.ndarray:
