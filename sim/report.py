@@ -1,5 +1,8 @@
 """The run's report: report.json, report.md, events.jsonl and plots, all from one run's measurements.
 
+The renderer draws the core every run has (bytes, time, quality, requests), then the sections the run's
+optional parts added (:mod:`sim.sections`), whatever they are.
+
 Bytes are what the coordinator counted at its gRPC boundary with the nodes. Virtual seconds come
 from the network model applied to those bytes; wall seconds are this machine's clock. The two
 are always reported side by side and never added together.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +21,7 @@ from proto import federation_pb2 as pb
 from proto.byte_counting import kind_name
 
 from . import network
-from .network import COORDINATOR, LinkProfile, TransferSimulator
-
-MBIT = 1_000_000
-DOWN_KINDS = ("BUNDLE", "ADAPTER")  # what is shipped to a node before it serves
+from .sections import Section, save_figure
 
 
 def _kinds(rows) -> dict:
@@ -37,45 +38,6 @@ def stats_to_dict(stats: pb.Stats) -> dict:
             "requests_shed": stats.requests_shed, "requests_failed_over": stats.requests_failed_over}
 
 
-def simulate_shipping(nodes: list[dict], links: dict[str, LinkProfile], egress_bps: float
-                      ) -> tuple[dict[str, float], list[dict]]:
-    """Virtual seconds for every node to receive its bundle and adapters, all nodes at once.
-
-    ``nodes``: dicts with ``node`` and ``by_kind`` (as in :func:`stats_to_dict`). Each node's
-    shipping is one stream from the coordinator (bundle, then adapters, chained); concurrent
-    streams share the coordinator's egress. Query traffic then follows on the same links.
-    Returns each node's shipping end time and the transfer events.
-    """
-    sim = TransferSimulator(links, egress_bps=egress_bps)
-    tids: list[int] = []
-    ends: dict[str, int] = {}
-    for n in nodes:
-        prev = None
-        for kind in DOWN_KINDS:
-            b = n["by_kind"].get(kind, {})
-            nbytes = int(b.get("sent", 0) + b.get("received", 0))
-            if nbytes:
-                prev = sim.submit(kind=kind.lower(), src=COORDINATOR, dst=n["node"], nbytes=nbytes, at=0.0,
-                                  after=prev)
-                tids.append(prev)
-        if prev is not None:
-            ends[n["node"]] = prev
-    sim.run()
-    shipped = {node: sim.record(tid).end for node, tid in ends.items()}
-    # query traffic follows shipping on the same links: requests down, replies up, one stream each way
-    now = sim.clock.now
-    for n in nodes:
-        down = sum(v.get("sent", 0) for k, v in n["by_kind"].items() if k not in DOWN_KINDS)
-        up = sum(v.get("received", 0) for k, v in n["by_kind"].items() if k not in DOWN_KINDS)
-        if down:
-            tids.append(sim.submit(kind="query-down", src=COORDINATOR, dst=n["node"], nbytes=int(down), at=now))
-        if up:
-            tids.append(sim.submit(kind="query-up", src=n["node"], dst=COORDINATOR, nbytes=int(up), at=now))
-    sim.run()
-    events = [sim.record(t).as_event() for t in tids]
-    return shipped, events
-
-
 def summarise_latencies(values: list[float]) -> dict:
     """p50, p99 and mean of wall latencies (seconds)."""
     if not values:
@@ -87,18 +49,9 @@ def summarise_latencies(values: list[float]) -> dict:
             "mean_s": round(statistics.fmean(v), 4)}
 
 
-def save_figure(fig, out: Path, name: str) -> str:
-    """Lay out ``fig``, write it to ``out/name`` (PNG, 110 dpi), close it; returns ``name``."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
-
-
-def write_plots(report: dict, out: Path) -> list[str]:
-    """PNG plots beside the report: bytes per node by kind, own adapter vs base, mixture vs specialists."""
+def write_plots(report: dict, out: Path, sections: Sequence[Section] = ()) -> list[str]:
+    """PNG plots beside the report: bytes per node by kind, own adapter vs base, mixture vs specialists,
+    then each section's own; returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,14 +94,9 @@ def write_plots(report: dict, out: Path) -> list[str]:
         ax.set_title("Output-space mixture of specialist nodes against the best one (Bet 04)")
         ax.legend()
         files.append(save_figure(fig, out, "mixture_vs_best.png"))
-    if report.get("soup_of_experts"):
-        from .soup import write_plots as soup_plots
-
-        files += soup_plots(report["soup_of_experts"], out)
-    if report.get("prefetch"):
-        from .prefetch_sweep import write_plots as prefetch_plots
-
-        files += prefetch_plots(report["prefetch"], out)
+    for sec in sections:
+        if sec.data:
+            files += sec.plots(sec.data, out)
     return files
 
 
@@ -166,8 +114,8 @@ def guarantee(m: dict) -> str:
     return f"{what}: {'holds' if m['bound_holds'] else 'BROKEN'}"
 
 
-def to_markdown(r: dict) -> str:
-    """report.md: the same figures as report.json, for people."""
+def to_markdown(r: dict, sections: Sequence[Section] = ()) -> str:
+    """report.md: the same figures as report.json, for people: the core, then each section's lines."""
     s = r["scenario"]
     lines = [f"# Federation run: {s['name']}", "",
              f"{r['nodes']} nodes ({r['actors']} Ray actors), preset `{s['federation']['preset']}`, seed "
@@ -224,17 +172,9 @@ def to_markdown(r: dict) -> str:
     for k, d in lat["by_kind"].items():
         if d["n"]:
             lines.append(f"| {k} | {d['n']} | {d['p50_s']:.3f} | {d['p99_s']:.3f} |")
-    if r.get("soup_of_experts"):
-        from .soup import markdown as soup_markdown
-
-        lines += [""] + soup_markdown(r["soup_of_experts"])
-    if r.get("prefetch"):
-        from .prefetch_sweep import markdown as prefetch_markdown
-
-        lines += [""] + prefetch_markdown(r["prefetch"])
-    for extra in ("faults",):
-        if extra in r and r[extra]:
-            lines += ["", f"## {extra.capitalize()}", "", "```json", json.dumps(r[extra], indent=1)[:4000], "```"]
+    for sec in sections:
+        if sec.data:
+            lines += [""] + sec.markdown(sec.data)
     lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in r.get("plots", [])), ""]
     return "\n".join(lines)
 
@@ -253,12 +193,13 @@ def corpus_text_lines(users: list[dict]) -> list[str]:
     return ["", *lines] if lines else []
 
 
-def write_report(report: dict, out: Path, events: list[dict]) -> None:
-    """Write report.json, report.md, events.jsonl and the plots into ``out``."""
+def write_report(report: dict, out: Path, events: list[dict], sections: Sequence[Section] = ()) -> None:
+    """Write report.json, report.md, events.jsonl and the plots into ``out``: the core of ``report``,
+    then ``sections`` in order (their data is already in ``report``, under their keys)."""
     out.mkdir(parents=True, exist_ok=True)
-    report["plots"] = write_plots(report, out)
+    report["plots"] = write_plots(report, out, sections)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    (out / "report.md").write_text(to_markdown(report))
+    (out / "report.md").write_text(to_markdown(report, sections))
     network.write_events(out / "events.jsonl", events)
 
 

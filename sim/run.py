@@ -25,13 +25,18 @@ from model.corpora import CorpusError
 from model.pipeline import Suite
 from proto.ids import is_valid_id
 
-from . import extras, network, soup
+from . import faults, network, prefetch_sweep, soup
 from .federation import FederationError, LocalFederation
-from .report import simulate_shipping, stats_to_dict, summarise_latencies, write_report
+from .report import stats_to_dict, summarise_latencies, write_report
 from .scenario import Scenario, ScenarioError, load, override
+from .sections import LivePart, add_section, chain_parts, pop_sections
+from .shipping import simulate_shipping
 from .workload import Driver
 
 log = logging.getLogger("sim.run")
+# The optional parts a scenario can switch on, in the order they run after the workload; each adds its
+# own section to the report.
+LIVE_PARTS: tuple[LivePart, ...] = (prefetch_sweep.LIVE_PART, faults.LIVE_PART)
 
 
 def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool = True) -> Suite:
@@ -75,6 +80,11 @@ def clear_report(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def live_parts(scn: Scenario):
+    """The scenario's optional parts (of :data:`LIVE_PARTS`) as one ``extra(fed, report)``; None if none."""
+    return chain_parts(LIVE_PARTS, scn)
+
+
 def link_names(scn: Scenario) -> tuple[list[str], dict[str, network.LinkProfile]]:
     """Each node's link profile name (by index) and the profiles by node id."""
     n, net = scn.federation.nodes, scn.network
@@ -88,7 +98,8 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
     """Run the scenario end to end and return the report (also written into ``out``).
 
     ``extra``, if given, is an async callable ``extra(fed, report)`` run after the workload
-    (the prefetch sweep and fault injection plug in there) that may add sections to the report.
+    (the scenario's :data:`LIVE_PARTS` plug in there) that may add sections to the report
+    (:func:`sim.sections.add_section`).
     """
     t_start = time.perf_counter()
     phases: dict[str, float] = {}
@@ -108,6 +119,8 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
         phases["workload"] = time.perf_counter() - t
         stats = stats_to_dict(fed.handle.core.stats(None))  # bytes and request counters
         report = assemble(scn, fed, stats, workload, links)
+        if fed.soup_instances:
+            add_section(report, soup.section(fed, stats, workload.soup, scn.model.expert_codec))
         report["memory"] = await fed.memory()  # RSS and PSS of every node actor, per node
         if extra is not None:
             t = time.perf_counter()
@@ -118,7 +131,7 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
     report["wall_phases"] = {k: round(v, 2) for k, v in phases.items()}
     report["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     report["model_timings"] = suite.timings
-    write_report(report, out, report.pop("_events"))
+    write_report(report, out, report.pop("_events"), pop_sections(report))
     return report
 
 
@@ -172,8 +185,6 @@ def assemble(scn: Scenario, fed: LocalFederation, stats: dict, workload, links) 
                      "errors": workload.errors[:20], "by_kind": by_kind_lat},
         "coordinator_requests": {k: stats[k] for k in ("requests_ok", "requests_failed", "requests_shed",
                                                       "requests_failed_over")},
-        **({"soup_of_experts": soup.report_section(fed, stats, workload.soup, scn.model.expert_codec)}
-           if fed.soup_instances else {}),
         "_events": events,
     }
 
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's fork notices from Ray's workers are noise here
     try:
         scn = scenario_from_args(args)
-        extra = extras.for_scenario(scn)
+        extra = live_parts(scn)
         report = asyncio.run(run_federation(scn, Path(args.out), progress=not args.quiet, corpus_dir=args.corpus,
                                             extra=extra))
     except (ScenarioError, ConfigError, CorpusError, FederationError, network.NetworkError) as exc:

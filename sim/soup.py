@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 from model.codecs import bundle_meta
 from model.pipeline import Suite
@@ -28,13 +27,11 @@ from model.soup_of_experts import (
     wire_records,
 )
 
-from .report import save_figure
 from .scenario import Scenario, ScenarioError
-
-if TYPE_CHECKING:  # the federation imports this module; the type only annotates
-    from .federation import LocalFederation
+from .sections import Section, save_figure
 
 SOUP_MODEL = "soup"  # the model name soup nodes register with, and their bank bundle's
+SECTION_KEY = "soup_of_experts"  # the run report's key of this section
 COMPARE_KS = (1, 2, 4, 8, 16, 32)  # numbers of specialists the bytes comparison prices
 
 
@@ -85,8 +82,15 @@ def _geomean(xs: list[float]) -> float | None:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
-def report_section(fed: LocalFederation, stats: dict, rows: list[dict], codec: str) -> dict:
-    """The report's ``soup_of_experts``: what the bank cost on the wire against full specialists,
+def section(fed, stats: dict, rows: list[dict], codec: str) -> Section:
+    """The run report's ``soup_of_experts`` section: its data (:func:`report_section`), markdown and plots.
+
+    ``fed`` is the running `sim.federation.LocalFederation` (unannotated: the federation imports this module)."""
+    return Section(SECTION_KEY, report_section(fed, stats, rows, codec), markdown, write_plots)
+
+
+def report_section(fed, stats: dict, rows: list[dict], codec: str) -> dict:
+    """The report's ``soup_of_experts`` data: what the bank cost on the wire against full specialists,
     what each soup node instantiated, and the quality its users got (``rows`` from the workload)."""
     bank_info = next(b for b in fed.bundles.values() if b.model == SOUP_MODEL)
     # a full model in the same codecs: the base's bundle (a specialist's differs only in its metadata's name)

@@ -38,9 +38,6 @@ GENERATED = {"proto/federation_pb2.py", "proto/federation_pb2.pyi", "proto/feder
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
     # regime (the model regime change) splits it by job into text_sources, personas and real_text
     ("lines", "model/corpora.py"): "844 lines; the regime change splits it",
-    # checks: sim/soup.py's report section takes LocalFederation as a type only; untangled once the
-    # report-sections change to sim/soup.py has landed
-    ("cycle", "sim.federation sim.soup"): "sim.soup imports sim.federation under TYPE_CHECKING",
 }
 
 

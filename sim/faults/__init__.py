@@ -1,7 +1,7 @@
 """Faults injected into a live federation, and what its users saw: :func:`run_faults`.
 
 `sim.run` calls ``run_faults(fed, report)`` after the workload when a scenario's ``[faults]``
-asks for any (see `sim.extras`). On the running federation, while the users keep sending
+asks for any (:data:`LIVE_PART`, one of `sim.run.LIVE_PARTS`). On the running federation, while the users keep sending
 their requests (each one over and over, in its own loop):
 
 - ``kill_nodes = k``: k Ray actors hosting nodes that hold users are killed (``ray.kill``).
@@ -30,9 +30,9 @@ recovery). The names below are the package's public entry points.
 """
 
 from .links import FaultyLink, LinkFaults
-from .run import FaultRun, run_faults
+from .run import LIVE_PART, FaultRun, run_faults, wanted
 from .settings import Answer, FaultError, FaultSettings, Probe, answer_diff
 from .traffic import UserTraffic, summarise_requests
 
-__all__ = ["Answer", "FaultError", "FaultRun", "FaultSettings", "FaultyLink", "LinkFaults", "Probe", "UserTraffic",
-           "answer_diff", "run_faults", "summarise_requests"]
+__all__ = ["LIVE_PART", "Answer", "FaultError", "FaultRun", "FaultSettings", "FaultyLink", "LinkFaults", "Probe",
+           "UserTraffic", "answer_diff", "run_faults", "summarise_requests", "wanted"]

@@ -17,6 +17,8 @@ from proto import federation_pb2 as pb
 from proto.bundle import read_manifest
 
 from ..federation import LocalFederation
+from ..scenario import Scenario
+from ..sections import LivePart, Section, add_section, json_markdown
 from .links import FaultyLink, LinkFaults
 from .settings import Answer, FaultError, FaultSettings, Probe, answer_diff, until
 from .traffic import UserTraffic, summarise_requests
@@ -365,5 +367,14 @@ async def run_faults(fed: LocalFederation, report: dict, settings: FaultSettings
         section = await run.run()
     finally:
         await run.traffic.close()
-    report["faults"] = section
+    add_section(report, Section("faults", section, json_markdown("Faults")))
     return section
+
+
+def wanted(scn: Scenario) -> bool:
+    """Whether the scenario's ``[faults]`` asks for any fault."""
+    f = scn.faults
+    return bool(f.kill_nodes or f.cut_stream_at or f.corrupt_chunks or f.restart_coordinator)
+
+
+LIVE_PART = LivePart("faults", wanted, run_faults)

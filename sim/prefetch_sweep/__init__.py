@@ -47,9 +47,10 @@ from .rows import (
                    run_rows,
                    sweep_row,
 )
-from .run import run_sweep, setup_for, sweep_section
+from .run import LIVE_PART, run_sweep, setup_for, sweep_section, wanted
 
-__all__ = ["GOAL_HIT_RATE", "GOAL_PPL_RATIO", "NODE_CACHES", "REMOTE_PEER", "SOURCE", "TOKENS_PER_PASS", "Hybrid",
-           "PerNode", "QualityMeter", "SweepError", "SweepSetup", "build_requests", "covers", "expert_sizes", "goal",
-           "hybrid_events", "interleave", "make_predictor", "markdown", "masked_nll", "node_links", "run_rows",
-           "run_sweep", "setup_for", "sweep_row", "sweep_section", "windows", "write_plots"]
+__all__ = ["LIVE_PART", "GOAL_HIT_RATE", "GOAL_PPL_RATIO", "NODE_CACHES", "REMOTE_PEER", "SOURCE", "TOKENS_PER_PASS",
+           "Hybrid", "PerNode", "QualityMeter", "SweepError", "SweepSetup", "build_requests", "covers",
+           "expert_sizes", "goal", "hybrid_events", "interleave", "make_predictor", "markdown", "masked_nll",
+           "node_links", "run_rows", "run_sweep", "setup_for", "sweep_row", "sweep_section", "wanted", "windows",
+           "write_plots"]

@@ -11,10 +11,15 @@ import numpy as np
 
 from coordinator.prefetch import Request, ServingConfig, route_trace
 
+from ..network import write_events
 from ..scenario import Scenario
+from ..sections import LivePart, Section, add_section
 from .inputs import SweepError, build_requests, expert_sizes, interleave, node_links, windows
 from .quality import QualityMeter
+from .report import markdown, write_plots
 from .rows import SweepSetup, goal, run_rows
+
+KEY = "prefetch"  # the run report's key of this section
 
 
 def setup_for(fed, *, progress: bool = False) -> SweepSetup:
@@ -83,10 +88,16 @@ async def run_sweep(fed, report: dict) -> None:
     def work() -> dict[str, Any]:
         return sweep_section(setup_for(fed), pf.predictors, pf.budgets, events.extend)
 
-    report["prefetch"] = await asyncio.to_thread(work)
+    add_section(report, Section(KEY, await asyncio.to_thread(work), markdown, write_plots))
     if isinstance(report.get("_events"), list):
         report["_events"].extend(events)
     else:  # the report's events were already written: keep ours beside them
-        from ..network import write_events
-
         write_events(fed.workdir.parent / "prefetch_events.jsonl", events)
+
+
+def wanted(scn: Scenario) -> bool:
+    """Whether the scenario asks for the sweep: any budget to sweep."""
+    return bool(scn.prefetch.budgets)
+
+
+LIVE_PART = LivePart(KEY, wanted, run_sweep)

@@ -21,10 +21,9 @@ from coordinator.prefetch import (
 )
 from model.config import get_preset
 from model.fractal_moe import build_model
-from sim import extras
 from sim import prefetch_sweep as ps
 from sim.network import LinkProfile
-from sim.run import run_federation
+from sim.run import live_parts, run_federation
 from sim.scenario import PREFETCH_PREDICTORS, ScenarioError, from_dict
 
 ROW_KEYS = {"predictor", "budget", "hit_rate", "bytes_shipped", "ppl_ratio", "recall_at_k", "recall_at_k_tokens",
@@ -223,7 +222,7 @@ def test_sweep_runs_end_to_end_through_sim_run(tiny_suite, tmp_path):
         "prefetch": {"predictors": ["oracle", "user", "hybrid", "run-ahead"], "budgets": [8, 16], "requests": 6,
                      "history_requests": 2},
     })
-    extra = extras.for_scenario(scn)
+    extra = live_parts(scn)
     asyncio.run(run_federation(scn, tmp_path, suite=tiny_suite, progress=False, extra=extra))
     report = json.loads((tmp_path / "report.json").read_text())
     section = report["prefetch"]
