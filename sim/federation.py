@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
 import secrets
 import shutil
 import time
@@ -38,7 +37,7 @@ from proto.bundle import write_bundle
 from proto.message_limits import MAX_MESSAGE_BYTES, message_size_options
 
 from . import soup
-from .actors import actor_groups, packing, process_memory, stop_actor
+from .actors import actor_groups, init_ray, packing, process_memory, stop_actor
 from .scenario import Scenario
 
 log = logging.getLogger(__name__)
@@ -110,32 +109,6 @@ def plan_nodes(scn: Scenario, suite: Suite, links: list[str]) -> list[NodePlan]:
     for k, user in enumerate(suite.known_users):
         base_nodes[k % len(base_nodes)].users.append(user)
     return plans
-
-
-def init_ray(address: str = "") -> bool:
-    """Connect to the Ray cluster at ``address``, or start a local one on loopback ("").
-
-    Returns True when it started or connected (the caller then shuts Ray down), False when Ray
-    was already initialised in this process.
-    """
-    if ray.is_initialized():
-        return False
-    # a local Ray stays on loopback: every byte of the simulation crosses 127.0.0.1 only
-    # (Ray on Linux otherwise binds the machine's own address, whatever _node_ip_address says)
-    local = {} if address else {"_node_ip_address": "127.0.0.1"}
-    if not address:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    for attempt in (1, 2):
-        try:
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, logging_level="warning", **local)
-            return True
-        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its node start-up times out
-            ray.shutdown()
-            if attempt == 2:
-                where = address or "a local Ray"
-                raise FederationError(f"Ray did not start ({where}): {str(exc).splitlines()[0]}") from None
-    return True
 
 
 async def serve_again(config: CoordinatorConfig) -> CoordinatorHandle:
@@ -271,7 +244,7 @@ class LocalFederation:
         assert self.handle is not None
         requested = self.scn.federation.nodes_per_actor
         self.nodes_per_actor = packing(len(self.plans), requested, int(ray.cluster_resources().get("CPU", 1)))
-        if self.nodes_per_actor != requested:
+        if requested == 1 and self.nodes_per_actor != requested:
             log.warning("%d nodes, one actor each, would not fit: packing %d nodes per actor",
                         len(self.plans), self.nodes_per_actor)
         groups = actor_groups(self.plans, self.nodes_per_actor)

@@ -5,7 +5,8 @@
     python -m sim.run --scenario scenarios/fault_tolerance.toml --out runs/faults
     python -m sim.run --nodes 4 --preset tiny --address 127.0.0.1:6379   # an existing Ray cluster
 
-Writes DIR/report.json, DIR/report.md, DIR/events.jsonl and PNG plots (DIR defaults to runs/latest).
+Writes DIR/report.json, DIR/report.md, DIR/events.jsonl and PNG plots (DIR defaults to runs/latest);
+what Ray and gRPC print goes to DIR/stderr.log, the console shows progress bars and the summary.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from model.pipeline import Suite
 from proto.ids import is_valid_id
 
 from . import faults, network, prefetch_sweep, soup
+from .actors import RayStartError
+from .console import noise_to
 from .federation import FederationError, LocalFederation
 from .report import stats_to_dict, summarise_latencies, write_report
 from .scenario import Scenario, ScenarioError, load, override
@@ -201,7 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
     ap.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     ap.add_argument("--codec", help="codec of the expert weights on the wire (default int8)")
-    ap.add_argument("--nodes-per-actor", type=int, help="virtual nodes packed into one Ray actor (default 1)")
+    ap.add_argument("--nodes-per-actor", type=int, help="nodes per Ray actor process (default 0: packed automatically, "
+                    "as many actors as CPUs and at least 4; 1: a process per node)")
     ap.add_argument("--corpus", metavar="DIR",
                     help="your own users' text: one sub-folder per user, named as a user id (A-Z a-z 0-9 . _ -); "
                          "each adapter trains on the first federation.corpus_chars characters of its user's text "
@@ -209,7 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "request; the report gives both per user")
     ap.add_argument("--soup-nodes", type=int, metavar="N",
                     help="Soup-of-Experts nodes (default: 2 in a federation of 16 nodes or more, else 0)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars: the summary only")
     return ap.parse_args(argv)
 
 
@@ -226,13 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m sim.run`."""
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's fork notices from Ray's workers are noise here
     try:
         scn = scenario_from_args(args)
         extra = live_parts(scn)
-        report = asyncio.run(run_federation(scn, Path(args.out), progress=not args.quiet, corpus_dir=args.corpus,
-                                            extra=extra))
-    except (ScenarioError, ConfigError, CorpusError, FederationError, network.NetworkError) as exc:
+        with noise_to(Path(args.out) / "stderr.log"):
+            report = asyncio.run(run_federation(scn, Path(args.out), progress=not args.quiet,
+                                                corpus_dir=args.corpus, extra=extra))
+    except (ScenarioError, ConfigError, CorpusError, FederationError, RayStartError, network.NetworkError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,7 +35,7 @@ class FederationSection:
     preset: str = "small"
     seed: int = 0
     users_per_persona: int = 0  # 0: the preset's own number
-    nodes_per_actor: int = 1  # virtual nodes packed into one Ray actor process
+    nodes_per_actor: int = 0  # nodes per Ray actor process; 0: packed by sim.actors.packing; 1: a process per node
     address: str = ""  # Ray cluster address; "" starts a local Ray
     # Characters of each --corpus user's own text its adapter trains on; 0: the preset's (a quarter
     # of its corpus_chars: 75,000 at small). The report says how many were used and scored.
@@ -47,7 +47,7 @@ class FederationSection:
         _check(self.preset in ("tiny", "small", "30m"), "federation.preset",
                f"must be one of tiny, small, 30m, got {self.preset!r}")
         _check(self.users_per_persona >= 0, "federation.users_per_persona", "must be >= 0")
-        _check(self.nodes_per_actor >= 1, "federation.nodes_per_actor", "must be >= 1")
+        _check(self.nodes_per_actor >= 0, "federation.nodes_per_actor", "must be >= 0 (0: automatic)")
         _check(self.corpus_chars == 0 or 1000 <= self.corpus_chars <= 1_000_000_000, "federation.corpus_chars",
                f"must be 0 (the preset's) or between 1000 and 1000000000, got {self.corpus_chars}")
 

@@ -59,6 +59,8 @@ class BenchConfig:
     nodes: int = 32  # federation size of startup / memory / score / mixture
     nodes_per_actor: int = 8  # packing of the measured federation
     baseline_nodes_per_actor: int = 1  # packing of the start-up baseline (1: one actor per node)
+    packings: tuple[int, ...] = (1, 4, 8, 16)  # nodes per actor of the packing sweep (with the automatic one)
+    packing_rounds: int = 2  # rounds of the packing sweep (a 32-actor start-up takes minutes here)
     score_requests: int = 12
     score_chars: int = 1500
     mixture_requests: int = 6
@@ -73,8 +75,9 @@ class BenchConfig:
         need(bool(self.decode_codecs), "decode_codecs", "must name at least one codec")
         need(4096 <= self.chunk_size <= 4 * 1024 * 1024, "chunk_size", f"must be 4 KiB..4 MiB, got {self.chunk_size}")
         for key in ("repeats", "ship_repeats", "score_requests", "mixture_requests", "nodes_per_actor",
-                    "baseline_nodes_per_actor"):
+                    "baseline_nodes_per_actor", "packing_rounds"):
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        need(bool(self.packings) and min(self.packings) >= 1, "packings", f"must be >= 1 each, got {self.packings}")
         need(4 <= self.nodes <= 4096, "nodes", f"must be 4..4096 (two specialists and two base nodes at least), "
                                                f"got {self.nodes}")
         need(50 <= self.score_chars <= 30_000, "score_chars", f"must be 50..30000, got {self.score_chars}")
@@ -88,7 +91,7 @@ class BenchConfig:
         """
         return BenchConfig(decode_shape="tiny", decode_codecs=("int8",), repeats=2, ship_repeats=2, preset="tiny",
                            nodes=4, nodes_per_actor=2, baseline_nodes_per_actor=4, score_requests=3, score_chars=400,
-                           mixture_requests=2)
+                           mixture_requests=2, packings=(2,), packing_rounds=1)
 
 
 def best_of(rounds: int, *fns: Callable[[], float]) -> list[float]:

@@ -26,8 +26,8 @@ from node.adapters import decode_adapter, encode_adapter
 from node.assembly import decode_bundle
 from proto import federation_pb2 as pb
 
-from ..actors import process_memory
-from ..federation import LocalFederation, init_ray
+from ..actors import AUTO, init_ray, packing, process_memory
+from ..federation import LocalFederation
 from ..scenario import Scenario, override
 from .core import BenchConfig, BenchResult, abest_of
 
@@ -138,6 +138,32 @@ async def startup(ctx: BenchContext) -> list[BenchResult]:
         description=f"{cfg.nodes} nodes ({cfg.preset}) up and loaded: {cfg.nodes_per_actor} per Ray actor vs "
                     f"{cfg.baseline_nodes_per_actor} per actor (actors, register, fetch, verify, install, healthy)",
         detail={"packed": _startup_detail(fed), "baseline": base_detail})]
+
+
+async def packing_sweep(ctx: BenchContext) -> list[BenchResult]:
+    """Nodes up and loaded at each of ``packings`` (and the automatic packing), one federation at a
+    time, interleaved over ``packing_rounds`` rounds: the automatic packing's median against one
+    actor per node's."""
+    cfg = ctx.config
+    ctx.ray()
+    auto = packing(cfg.nodes, AUTO, int(ray.cluster_resources().get("CPU", 1)))
+    times: dict[int, list[float]] = {k: [] for k in dict.fromkeys((1, auto) + cfg.packings)}
+    for _ in range(cfg.packing_rounds):
+        for k in times:
+            fed = await ctx.start_federation(k)
+            try:
+                times[k].append(round(fed.phases["nodes_up_and_loaded"], 2))
+            finally:
+                await fed.stop()
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return [BenchResult(
+        name="packing", value=medians[auto], baseline=medians[1], unit="s", better="lower", target=15.0,
+        target_on="value",
+        description=f"{cfg.nodes} nodes ({cfg.preset}) up and loaded: the automatic packing ({auto} per actor) vs "
+                    f"1 per actor, median of {cfg.packing_rounds} rounds over packings {', '.join(map(str, times))}",
+        detail={"auto_nodes_per_actor": auto, "median_s": {str(k): v for k, v in medians.items()},
+                "ratio_to_one_per_actor": {str(k): round(v / medians[1], 3) for k, v in medians.items()},
+                "seconds": {str(k): v for k, v in times.items()}})]
 
 
 async def bare_actor_memory() -> dict:

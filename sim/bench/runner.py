@@ -13,6 +13,8 @@ higher or a lower ratio is better is in ``better``, the issue's target (if any) 
     fetch_verified  the node's own fetch (node.fetch: verified while streaming) vs the same bare stream
     score           Federation.Score through coordinator and a node vs the same model scoring in-process
     startup         N nodes up and loaded, packed into few actors vs one actor per node
+    packing         N nodes up and loaded at each packing, the automatic one vs one actor per node
+                    (run only when named: one federation per packing and round, minutes)
     memory          memory per simulated node (actor RSS / nodes) vs one bare Ray actor importing torch
     mixture         Score over a K-node mixture vs a mixture of one node (latency)
 """
@@ -35,6 +37,7 @@ import torch
 
 from model.config import ConfigError
 
+from ..actors import RayStartError
 from .core import BenchConfig, BenchError, BenchResult
 
 
@@ -45,6 +48,7 @@ class Benchmark:
     name: str
     summary: str
     run: Callable  # async (BenchContext) -> list[BenchResult]
+    default: bool = True  # run when no names are given
 
 
 def registry() -> dict[str, Benchmark]:
@@ -58,6 +62,8 @@ def registry() -> dict[str, Benchmark]:
                   wire.fetch_verified),
         Benchmark("startup", "nodes up and loaded: packed actors vs one actor per node",
                   federation.startup),
+        Benchmark("packing", "nodes up and loaded at each packing vs one actor per node (only when named)",
+                  federation.packing_sweep, default=False),
         Benchmark("memory", "memory per simulated node vs one bare Ray actor importing torch",
                   federation.memory),
         Benchmark("score", "Federation.Score throughput vs the same model in-process",
@@ -81,7 +87,7 @@ async def run_benchmarks(names: list[str] | None = None, config: BenchConfig | N
     unknown = [n for n in names or [] if n not in reg]
     if unknown:
         raise BenchError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(reg)}")
-    chosen = [b for b in reg.values() if not names or b.name in names]
+    chosen = [b for b in reg.values() if (b.name in names if names else b.default)]
     ctx = BenchContext(config, suite=suite)
     results: list[BenchResult] = []
     try:
@@ -152,7 +158,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The configuration: full sizes, or --quick, with any size flags on top."""
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
     changes = {k: getattr(args, k) for k in ("preset", "nodes", "nodes_per_actor", "baseline_nodes_per_actor",
-                                             "repeats", "decode_shape", "seed") if getattr(args, k) is not None}
+                                             "repeats", "decode_shape", "seed", "packing_rounds")
+               if getattr(args, k) is not None}
+    if args.packings:
+        try:
+            changes["packings"] = tuple(int(k) for k in args.packings.split(",") if k.strip())
+        except ValueError:
+            raise BenchError(f"packings: must be comma-separated integers, got {args.packings!r}") from None
     if args.codecs:
         changes["decode_codecs"] = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
     return dataclasses.replace(cfg, **changes)
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
-    ap.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default all): {', '.join(reg_names)}")
+    ap.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default all but packing): {', '.join(reg_names)}")
     ap.add_argument("--json", action="store_true",
                     help="print a JSON list of {name, value, baseline, ratio, unit, ...}")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -176,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes-per-actor", type=int, help="packing of the measured federation (default 8)")
     ap.add_argument("--baseline-nodes-per-actor", type=int, help="packing of the start-up baseline (default 1)")
     ap.add_argument("--repeats", type=int, help="interleaved rounds per measurement (default 5)")
+    ap.add_argument("--packings", help="comma-separated nodes per actor of the packing sweep (default 1,4,8,16)")
+    ap.add_argument("--packing-rounds", type=int, help="rounds of the packing sweep (default 2)")
     ap.add_argument("--decode-shape", help="model shape of the decode/ship bundles (default 30m; quick: tiny)")
     ap.add_argument("--codecs", help="comma-separated expert codecs of the decode benchmark (default int8,ternary)")
     ap.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
@@ -186,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{b.name:<16} {b.summary}")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # One intra-op thread, as every node process runs: with more threads than free cores, OpenMP's
     # spin-waiting makes torch calls 10-100x slower on a loaded machine (and the ratios noise).
     torch.set_num_threads(args.torch_threads)
@@ -201,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         with stdout_to_stderr(quiet):
             results = asyncio.run(run_benchmarks(args.names or None, cfg,
                                                  progress=None if quiet else lambda line: print(line, flush=True)))
-    except (BenchError, ConfigError) as exc:
+    except (BenchError, ConfigError, RayStartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

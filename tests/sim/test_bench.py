@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.actors import ONE_ACTOR_PER_NODE_MAX, actor_groups, packing, process_memory
+from sim.actors import AUTO, ONE_ACTOR_PER_NODE_MAX, actor_groups, packing, process_memory
 from sim.bench.core import BenchConfig, BenchError, BenchResult
 from sim.bench.runner import main, run_benchmarks
 from sim.federation import NodePlan
+from sim.scenario import Scenario
 
 KEYS = {"name", "value", "baseline", "ratio", "unit"}
 
@@ -43,6 +44,7 @@ def test_ratio_and_targets_follow_the_direction_of_better() -> None:
     ({"nodes": 3}, "nodes"), ({"preset": "huge"}, "preset"), ({"repeats": 0}, "repeats"),
     ({"chunk_size": 100}, "chunk_size"), ({"decode_codecs": ()}, "decode_codecs"),
     ({"score_chars": 10}, "score_chars"), ({"nodes_per_actor": 0}, "nodes_per_actor"),
+    ({"packings": (4, 0)}, "packings"), ({"packing_rounds": 0}, "packing_rounds"),
 ])
 def test_config_refuses_bad_sizes_naming_the_field(change, key) -> None:
     with pytest.raises(BenchError, match=f"^{key}:"):
@@ -74,12 +76,20 @@ def test_actor_groups_deal_every_node_once_within_the_packing(n: int, per: int) 
 
 
 def test_packing_keeps_what_is_asked_and_packs_only_what_would_not_fit() -> None:
-    assert packing(32, 1, cpus=2) == 1  # the default, one actor per node, where it fits
+    assert packing(32, 1, cpus=2) == 1  # one actor per node, where it fits
     assert packing(ONE_ACTOR_PER_NODE_MAX, 1, cpus=2) == 1
     assert packing(1024, 1, cpus=2) == 256  # four actors at least: the specialists on four of them
     assert packing(1024, 1, cpus=16) == 64  # one actor per core
     assert packing(1024, 64, cpus=2) == 64  # an explicit packing is kept
     assert packing(10, 3, cpus=2) == 3
+
+
+def test_the_default_packing_is_automatic_and_packs_by_cpus() -> None:
+    assert Scenario().validate().federation.nodes_per_actor == AUTO
+    assert packing(32, AUTO, cpus=2) == 8  # 4 actors: the packing measured fastest here (README)
+    assert packing(32, AUTO, cpus=16) == 2  # one actor per core
+    assert packing(3, AUTO, cpus=2) == 1
+    assert packing(1024, AUTO, cpus=2) == packing(1024, 1, cpus=2) == 256
 
 
 def test_process_memory_reads_this_process() -> None:
@@ -124,3 +134,13 @@ def test_federation_benchmarks_on_a_tiny_federation(tiny_suite) -> None:
     assert mem["actor_pss_bytes"] <= mem["actor_rss_bytes"]
     # two specialist nodes, dealt to two different actors
     assert by["mixture_k2"].detail["k"] == 2 and by["mixture_k2"].detail["specialist_actors"] == 2
+
+
+@pytest.mark.slow
+def test_the_packing_sweep_starts_each_packing_and_compares_the_automatic_one(tiny_suite) -> None:
+    cfg = BenchConfig.quick()
+    [r] = asyncio.run(run_benchmarks(["packing"], cfg, suite=tiny_suite))
+    d = r.detail
+    assert r.name == "packing" and set(d["seconds"]) == {"1", str(d["auto_nodes_per_actor"]), "2"}
+    assert all(len(v) == cfg.packing_rounds and min(v) > 0 for v in d["seconds"].values())
+    assert r.value == d["median_s"][str(d["auto_nodes_per_actor"])] and r.baseline == d["median_s"]["1"]
