@@ -42,8 +42,9 @@ def ray_init_options(address: str) -> dict:
     """Keyword arguments of ``ray.init`` for ``address`` ("": a local Ray of this run's own).
 
     Workers' output stays in Ray's log files (``log_to_driver=False``) and Ray leaves this process's
-    logging as it is (``sim.console`` routes it). A local Ray's workers inherit this process's quiet gRPC settings (the raylet is
-    its child); a cluster's processes did not, so its workers get them through the job's runtime_env.
+    logging as it is (``sim.console`` routes it). A local Ray's workers inherit this process's quiet
+    gRPC settings (the raylet is its child); a cluster's processes did not, so its workers get them
+    through the job's runtime_env.
     """
     opts = {"address": ray_address(address), "include_dashboard": False, "log_to_driver": False,
             "configure_logging": False}

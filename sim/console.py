@@ -52,22 +52,22 @@ def noise_to(path: Path):
     with open(path, "wb") as log_file:
         for fd in saved_fds:
             os.dup2(log_file.fileno(), fd)
-    # line buffered, as stderr is: a progress bar or an error line shows at once
-    sys.stderr = open(saved_fds[2], "w", buffering=1, encoding=saved_stderr.encoding, errors="backslashreplace",
-                      closefd=False)
     to_log = logging.StreamHandler(saved_stderr)  # descriptor 2: the log file
     to_log.setLevel(logging.WARNING)  # as the last resort it stands in for
     ray_log = logging.getLogger("ray")
     ray_handlers, last_resort = ray_log.handlers[:], logging.lastResort
-    ray_log.handlers, logging.lastResort = [to_log], to_log
-    try:
-        yield path
-    finally:
-        ray_log.handlers[:], logging.lastResort = ray_handlers, last_resort
-        sys.stderr.flush()
-        sys.stderr.close()
-        sys.stderr = saved_stderr
-        sys.stdout.flush()
-        for fd, saved in saved_fds.items():
-            os.dup2(saved, fd)
-            os.close(saved)
+    # line buffered, as stderr is: a progress bar or an error line shows at once
+    with open(saved_fds[2], "w", buffering=1, encoding=saved_stderr.encoding, errors="backslashreplace",
+              closefd=False) as console:
+        sys.stderr = console
+        ray_log.handlers, logging.lastResort = [to_log], to_log
+        try:
+            yield path
+        finally:
+            ray_log.handlers[:], logging.lastResort = ray_handlers, last_resort
+            console.flush()  # while its descriptor is still open
+            sys.stderr = saved_stderr
+            sys.stdout.flush()
+            for fd, saved in saved_fds.items():
+                os.dup2(saved, fd)
+                os.close(saved)

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
-    ap.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default all but packing): {', '.join(reg_names)}")
+    ap.add_argument("names", nargs="*", metavar="NAME",
+                    help=f"benchmarks to run (default all but packing): {', '.join(reg_names)}")
     ap.add_argument("--json", action="store_true",
                     help="print a JSON list of {name, value, baseline, ratio, unit, ...}")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")

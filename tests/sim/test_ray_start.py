@@ -67,9 +67,10 @@ NOISE = re.compile(r"Token authentication|PYTHON worker processes|fork_posix|Fai
 
 
 @pytest.mark.slow
-def test_a_quiet_run_prints_the_summary_only_and_ignores_a_stale_ray_address(tiny_suite, tmp_path) -> None:  # noqa: ARG001 - trains the cache
+def test_a_quiet_run_prints_the_summary_only_and_ignores_a_stale_ray_address(tiny_suite, tmp_path) -> None:
     """A tiny `sim.run --quiet` in its own process, with $RAY_ADDRESS naming a cluster that is gone
-    (as a stopped `ray start` leaves): it starts its own Ray, stderr stays empty, the noise is in the log."""
+    (as a stopped `ray start` leaves): it starts its own Ray, stderr stays empty, the noise is in the log.
+    ``tiny_suite`` trains the models the subprocess loads from the session cache."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
