@@ -10,7 +10,8 @@ as soon as its last byte arrives. So:
   after it, and the stream resumes from that tensor's first byte: a corruption costs at most one
   tensor plus what followed it in flight, not the whole bundle; the header and manifest, being
   checked as a whole, are fetched again from byte 0;
-- when every byte is in, the whole bundle's sha256 (from the coordinator) is checked too.
+- when every byte is in, the whole bundle's sha256 (from the coordinator), summed up as the chunks
+  arrived, is checked too. Chunks are kept as received, never copied into one buffer.
 
 It returns only a bundle whose every checksum passed (``Fetched.bundle``), or raises FetchError.
 Installing is the caller's (``node.runtime``), all or nothing.
@@ -77,19 +78,37 @@ class Fetched:
 
 
 class _Received:
-    """The bytes kept so far and a reader that has verified them."""
+    """The bytes kept so far (the chunks as received, not copied), their running sha256, and a reader
+    that has verified them."""
 
     def __init__(self, codecs: Iterable[str] | None) -> None:
         self.codecs = codecs
-        self.buf = bytearray()
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.sha = hashlib.sha256()  # of the kept bytes: the whole bundle's, once all are in
         self.reader = BundleReader(allowed_codecs=codecs)
+
+    def keep(self, data: bytes) -> None:
+        """Keep the next chunk's bytes (the reader is fed separately)."""
+        self.chunks.append(data)
+        self.size += len(data)
+        self.sha.update(data)
 
     def rollback(self, offset: int) -> None:
         """Keep only the first ``offset`` bytes (already verified up to there) and re-read them."""
-        del self.buf[offset:]
+        kept, size = [], 0
+        for data in self.chunks:
+            if size >= offset:
+                break
+            data = data[:offset - size]
+            kept.append(data)
+            size += len(data)
+        self.chunks, self.size = [], 0
+        self.sha = hashlib.sha256()
         self.reader = BundleReader(allowed_codecs=self.codecs)
-        if self.buf:
-            self.reader.feed(bytes(self.buf))
+        for data in kept:
+            self.keep(data)
+            self.reader.feed(data)
 
     def damaged_from(self, exc: BundleError) -> int:
         """Where good bytes end after ``exc``: the damaged tensor's first byte, or 0 for the head."""
@@ -109,7 +128,7 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
     total = int(ref.size) or None
     payload = resumes = refetches = stalls = 0
     while True:
-        start = len(got.buf)
+        start = got.size
         request = pb.FetchBundleRequest(node_id=node_id, name=ref.name, offset=start,
                                         chunk_size=policy.chunk_size, expected_sha256=want_sha)
         broken = ""
@@ -123,10 +142,10 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
                     raise FetchError(f"bundle {ref.name!r} changed while it was being fetched "
                                      f"(size or sha256 differs from what was expected)",
                                      grpc.StatusCode.FAILED_PRECONDITION)
-                if chunk.offset != len(got.buf) or len(got.buf) + len(chunk.data) > total:
-                    broken = f"chunk at offset {chunk.offset} (+{len(chunk.data)}), expected {len(got.buf)}"
+                if chunk.offset != got.size or got.size + len(chunk.data) > total:
+                    broken = f"chunk at offset {chunk.offset} (+{len(chunk.data)}), expected {got.size}"
                     break
-                got.buf += chunk.data
+                got.keep(chunk.data)
                 try:
                     got.reader.feed(chunk.data)
                 except _DAMAGE as exc:
@@ -140,7 +159,7 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
                 except BundleError as exc:  # well-formed but not for us (an unknown codec...)
                     raise FetchError(f"bundle {ref.name!r} refused: {exc}",
                                      grpc.StatusCode.FAILED_PRECONDITION) from None
-                if len(got.buf) == total:
+                if got.size == total:
                     break
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _FATAL:
@@ -149,12 +168,12 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
             broken = f"{exc.code().name}: {exc.details()}"
         finally:
             call.cancel()  # a stream left early must not keep sending
-        if total is not None and len(got.buf) == total:
+        if total is not None and got.size == total:
             try:
                 bundle = got.reader.finish()
             except BundleError as exc:
                 bundle, broken = None, str(exc)
-            if bundle is not None and hashlib.sha256(got.buf).digest() == want_sha:
+            if bundle is not None and got.sha.digest() == want_sha:
                 return Fetched(name=ref.name, bundle=bundle, size=total, sha256=want_sha, payload_bytes=payload,
                                resumes=resumes, refetches=refetches)
             refetches += 1
@@ -165,10 +184,10 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
             continue
         if not broken:
             broken = "stream ended early"
-        stalls = 0 if len(got.buf) > start else stalls + 1
+        stalls = 0 if got.size > start else stalls + 1
         if stalls >= policy.max_stalls:
             raise FetchError(f"fetching bundle {ref.name!r}: {stalls} streams in a row brought no data "
-                             f"(last: {broken}); stopped at byte {len(got.buf)} of {total}")
+                             f"(last: {broken}); stopped at byte {got.size} of {total}")
         resumes += 1
         if stalls:
             await asyncio.sleep(min(1.0, policy.backoff_s * 2 ** (stalls - 1)))
