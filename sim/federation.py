@@ -126,8 +126,9 @@ class LocalFederation:
     """Start and stop a whole federation for a scenario. Use ``async with`` or start()/stop()."""
 
     def __init__(self, scn: Scenario, suite: Suite, workdir: Path, *, link_names: list[str],
-                 progress: bool = True) -> None:
+                 progress: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
         self.scn = scn
+        self.listen = (host, port)  # where the coordinator listens (port 0: any free port)
         self.suite = suite
         self.workdir = Path(workdir)
         self.progress = progress
@@ -195,6 +196,7 @@ class LocalFederation:
         registry and a store of this run's own."""
         self.clear_coordinator_state()
         cfg = CoordinatorConfig(
+            host=self.listen[0], port=self.listen[1],
             db_path=self.workdir / "coordinator.db", bundle_dir=self.workdir / "store",
             admin_token=self.admin_token, node_token=self.node_token,
             tokenizer_path=self.suite.tokenizer_path,

@@ -197,11 +197,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m sim.run", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
+    add_scenario_arguments(ap, out="runs/latest")
+    return ap.parse_args(argv)
+
+
+def add_scenario_arguments(ap: argparse.ArgumentParser, *, out: str) -> None:
+    """The flags that say which federation to bring up (sim.run's and sim.serve's), ``--out`` defaulting to ``out``."""
     ap.add_argument("--nodes", type=int, help="number of federation nodes (default 32)")
     ap.add_argument("--preset", choices=["tiny", "small", "30m"], help="model preset (default small)")
     ap.add_argument("--scenario", metavar="FILE.toml", help="scenario file (see scenarios/)")
     ap.add_argument("--address", help="address of an existing Ray cluster (default: start a local Ray)")
-    ap.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
+    ap.add_argument("--out", default=out, help=f"output folder (default {out})")
     ap.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     ap.add_argument("--codec", help="codec of the expert weights on the wire (default int8)")
     ap.add_argument("--nodes-per-actor", type=int, help="nodes per Ray actor process (default 0: packed automatically, "
@@ -214,7 +220,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--soup-nodes", type=int, metavar="N",
                     help="Soup-of-Experts nodes (default: 2 in a federation of 16 nodes or more, else 0)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars: the summary only")
-    return ap.parse_args(argv)
 
 
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
