@@ -67,10 +67,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train or load every model of a preset and write DIR/metrics.json."""
     from .pipeline import Suite
 
-    suite = Suite(args.preset, args.seed, use_cache=not args.no_cache, corpus_dir=args.corpus)
+    suite = Suite(args.preset, args.seed, use_cache=not args.no_cache, corpus_dir=args.corpus,
+                  pretrain_corpus=args.corpus_pretrain, device=args.device)
     t0 = time.perf_counter()
     suite.build_all()
-    metrics = {"preset": suite.preset.name, "seed": args.seed, "models": suite.evaluate_all(),
+    reliance = suite.reliance()
+    metrics = {"preset": suite.preset.name, "seed": args.seed, "device": suite.device.type,
+               "pretrained_on": list(suite.pretrain), "models": suite.evaluate_all(),
+               "expert_reliance": reliance["texts"], "expert_usage_divergence": reliance["usage_divergence"],
                "timings": suite.timings, "wall_seconds": round(time.perf_counter() - t0, 2)}
     if args.codecs:
         from .quality import codec_quality
@@ -83,7 +87,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'metrics.json'}")
     for name, m in base.items():
         floor = "" if m["bpc_floor"] is None else f"  floor {m['bpc_floor']:.3f}"
-        print(f"  base on {name:<16} ppl {m['ppl']:>9.3f}  bpc {m['bpc']:.3f}{floor}")
+        zlib = "" if "zlib_bpc" not in m else f"  zlib {m['zlib_bpc']:.3f}"
+        print(f"  base on {name:<16} ppl {m['ppl']:>9.3f}  bpc {m['bpc']:.3f}{floor}{zlib}")
+    print("  expert reliance (ppl ratio): text, all experts zeroed, each block's experts averaged, drop one (median/max)")
+    for name, r in reliance["texts"].items():
+        print(f"    {name:<14} x{r['zeroed_ratio']:<8.2f} x{r['averaged_ratio']:<8.2f} "
+              f"x{r['drop_one']['median_ratio']:.3f}/x{r['drop_one']['max_ratio']:.3f}")
     return 0
 
 
@@ -118,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="runs/model", help="output folder (default runs/model)")
     t.add_argument("--corpus", default=None, metavar="DIR", help="your own users' text: one sub-folder per user")
+    t.add_argument("--corpus-pretrain", action="store_true",
+                   help="also pretrain the tokenizer and the base on the --corpus users' training text")
+    t.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="where training and evaluation run (default cpu; auto takes CUDA when present)")
     t.add_argument("--no-cache", action="store_true", help="retrain even when the cache has the weights")
     t.add_argument("--codecs", action="store_true", help="also measure the perplexity under every codec")
     e = sub.add_parser("export", help="write a bundle of the trained base model")

@@ -36,6 +36,13 @@ def save_weights(path: Path, state: dict[str, torch.Tensor], meta: dict | None =
     tmp.replace(path)
 
 
+def save_json(path: Path, value: object) -> None:
+    """Write ``value`` as JSON, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict written by :func:`save_weights`."""
     return load_file(str(path))

@@ -116,7 +116,7 @@ PRESETS: dict[str, Preset] = {
     # tests: trains in seconds
     "tiny": Preset(
         name="tiny",
-        model=ModelConfig(vocab_size=384, d_model=32, n_heads=2, d_ff=32, context=64),
+        model=ModelConfig(vocab_size=384, d_model=32, n_heads=2, d_ff=128, context=64),
         base=TrainConfig(steps=150, batch_size=16, seq_len=64, lr=3e-3, warmup=10),
         specialist=TrainConfig(steps=40, batch_size=16, seq_len=64, lr=1e-3, warmup=5),
         adapter=TrainConfig(steps=40, batch_size=16, seq_len=64, lr=1e-2, warmup=5, weight_decay=0.0),
@@ -127,7 +127,7 @@ PRESETS: dict[str, Preset] = {
     # the default: trains on a 2-core machine in a few minutes
     "small": Preset(
         name="small",
-        model=ModelConfig(vocab_size=1024, d_model=128, n_heads=4, d_ff=128, context=128),
+        model=ModelConfig(vocab_size=1024, d_model=128, n_heads=4, d_ff=512, context=128),
         base=TrainConfig(steps=600, batch_size=16, seq_len=128, lr=2e-3, warmup=30),
         specialist=TrainConfig(steps=150, batch_size=16, seq_len=128, lr=5e-4, warmup=10),
         adapter=TrainConfig(steps=80, batch_size=16, seq_len=128, lr=5e-3, warmup=5, weight_decay=0.0),

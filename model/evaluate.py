@@ -46,7 +46,8 @@ def token_logps(model: FractalMoE, ids: torch.Tensor, *, batch: int = 16) -> tor
     Scored in windows of the model's context (:func:`window_logps`).
     """
     model.eval()
-    return window_logps(lambda x: model(x).logits, ids, model.cfg.context, batch=batch)
+    device = next(model.parameters()).device
+    return window_logps(lambda x: model(x.to(device)).logits.cpu(), ids, model.cfg.context, batch=batch)
 
 
 def perplexity(logps: torch.Tensor) -> float:
@@ -91,11 +92,12 @@ def routing_counts(model: FractalMoE, ids: torch.Tensor) -> torch.Tensor:
     """How often each expert of each block is chosen over ``ids``: (L, E) long."""
     x, y = eval_windows(ids, model.cfg.context)
     counts = torch.zeros(model.cfg.n_layers, model.cfg.n_experts, dtype=torch.long)
+    device = next(model.parameters()).device
     for i in range(0, x.size(0), 16):
-        model(x[i:i + 16])
+        model(x[i:i + 16].to(device))
         keep = (y[i:i + 16] != -100)  # (b, T)
         for b, m in enumerate(model.moes):
-            counts[b] += torch.bincount(m.last_route[keep], minlength=model.cfg.n_experts)
+            counts[b] += torch.bincount(m.last_route.cpu()[keep], minlength=model.cfg.n_experts)
     return counts
 
 

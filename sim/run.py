@@ -48,7 +48,7 @@ def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool 
     if scn.federation.users_per_persona:
         preset = dataclasses.replace(preset, users_per_persona=scn.federation.users_per_persona)
     suite = Suite(preset, scn.federation.seed, corpus_dir=corpus_dir, corpus_chars=scn.federation.corpus_chars,
-                  progress=progress)
+                  progress=progress, pretrain_corpus=scn.model.corpus_pretrain)
     check_corpus_users(suite.corpus_users, corpus_dir)
     bad = [s for s in scn.specialists() if s not in suite.personas]
     if bad:
@@ -217,6 +217,9 @@ def add_scenario_arguments(ap: argparse.ArgumentParser, *, out: str) -> None:
                          "each adapter trains on the first federation.corpus_chars characters of its user's text "
                          "(default: the preset's, 75,000 at small) and workload.score_chars are scored per "
                          "request; the report gives both per user")
+    ap.add_argument("--corpus-pretrain", action="store_true", default=None,
+                    help="also pretrain the tokenizer and the base on the --corpus users' text "
+                         "(scenario key model.corpus_pretrain)")
     ap.add_argument("--soup-nodes", type=int, metavar="N",
                     help="Soup-of-Experts nodes (default: 2 in a federation of 16 nodes or more, else 0)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars: the summary only")
@@ -228,7 +231,7 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     scn = override(scn, "federation", nodes=args.nodes, preset=args.preset, seed=args.seed,
                    address=args.address, nodes_per_actor=args.nodes_per_actor)
     scn = override(scn, "soup", nodes=args.soup_nodes)
-    return override(scn, "model", expert_codec=args.codec)
+    return override(scn, "model", expert_codec=args.codec, corpus_pretrain=args.corpus_pretrain)
 
 
 def main(argv: list[str] | None = None) -> int:

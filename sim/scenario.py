@@ -61,6 +61,8 @@ class ModelSection:
     # Personas whose specialist each gets a node of its own (for mixtures). ["auto"]: the four
     # synthetic personas, fewer when the federation is small (always leaving two base nodes).
     specialists: list[str] = field(default_factory=lambda: ["auto"])
+    # Pretrain the tokenizer and the base on the --corpus users' training text too (needs --corpus).
+    corpus_pretrain: bool = False
 
     def validate(self) -> None:
         """Raise ScenarioError on out-of-range values."""

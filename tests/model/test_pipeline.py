@@ -147,3 +147,42 @@ def test_corpus_folder_users_get_their_own_adapter(tiny_suite, tmp_path):
     assert suite.score(suite.with_adapter("alice"), "alice")["ppl"] < suite.score(suite.base(), "alice")["ppl"]
     with pytest.raises(corpora.CorpusError):
         Suite("tiny", seed=0, corpus_dir=tmp_path / "missing", progress=False)
+
+
+def test_base_pretrains_on_real_prose_and_scores_against_zlib(tiny_suite):
+    import zlib
+
+    assert corpora.REFERENCE in tiny_suite.pretrain and set(tiny_suite.personas) <= set(tiny_suite.pretrain)
+    m = tiny_suite.score(tiny_suite.base(), corpora.REFERENCE)
+    ids = tiny_suite.ids(corpora.REFERENCE, "eval")
+    scored = tiny_suite.text(corpora.REFERENCE, "eval")[len(tiny_suite.tokenizer.decode([int(ids[0])])):]
+    assert m["zlib_bpc"] == round(len(zlib.compress(scored.encode(), 9)) * 8 / len(scored), 4)
+    assert "zlib_bpc" not in tiny_suite.score(tiny_suite.base(), "programmer")  # synthetic text has its floor
+
+
+def test_users_text_enters_pretraining_only_when_asked(tiny_suite, tmp_path):
+    import inspect
+
+    user = tmp_path / "corpus" / "bob"
+    user.mkdir(parents=True)
+    (user / "notes.txt").write_text(inspect.getsource(json)[:20000])
+    plain = Suite("tiny", seed=0, corpus_dir=tmp_path / "corpus", progress=False)
+    joined = Suite("tiny", seed=0, corpus_dir=tmp_path / "corpus", progress=False, pretrain_corpus=True)
+    assert "bob" not in plain.pretrain and "bob" in joined.pretrain
+    assert plain.base_key == tiny_suite.base_key != joined.base_key  # another base, cached apart
+    with pytest.raises(corpora.CorpusError, match="needs --corpus"):
+        Suite("tiny", seed=0, pretrain_corpus=True, progress=False)
+
+
+def test_train_cli_writes_expert_reliance(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "model", "train", "--preset", "tiny", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rel = metrics["expert_reliance"]
+    assert set(rel) == set(metrics["pretrained_on"]) and corpora.REFERENCE in rel
+    for r in rel.values():
+        assert r["zeroed_ratio"] == pytest.approx(r["zeroed_ppl"] / r["ppl"], rel=1e-3)
+        assert {"median_ratio", "max_ratio"} <= set(r["drop_one"]) and len(r["routing_entropy_bits"]) == 4
+    assert len(metrics["expert_usage_divergence"]["jsd_bits"]) == 4
+    assert "zlib_bpc" in metrics["models"]["base"][corpora.REFERENCE]
