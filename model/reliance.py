@@ -55,15 +55,10 @@ def jensen_shannon_bits(dists: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _ppl_with_unavailable(model: FractalMoE, ids: torch.Tensor, block: int, expert: int) -> float:
-    moe = model.moes[block]
-    saved = moe.available
-    mask = torch.ones(model.cfg.n_experts, dtype=torch.bool)
-    mask[expert] = False
-    moe.available = mask
-    try:
+    mask = torch.ones(model.cfg.n_layers, model.cfg.n_experts, dtype=torch.bool)  # (L, E)
+    mask[block, expert] = False
+    with model.serving(available=mask):
         return perplexity(token_logps(model, ids))
-    finally:
-        moe.available = saved
 
 
 def text_reliance(model: FractalMoE, zeroed: FractalMoE, averaged: FractalMoE, ids: torch.Tensor, *,
