@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             agree = {True: "agrees", False: "DISAGREES", None: "open"}[rec["agrees"]]
             print(f"{bet.name}: {rec['verdict']} (catalogue {rec['catalogue_verdict']}, {agree}) in {rec['seconds']}s: "
                   f"{rec['key_figures']}", flush=True)
-    path = write_summary(records, args.out)
+    path = write_summary(records, args.out, reliance=ctx.suite.reliance())
     print(f"summary: {path}")
     return 1 if failed else 0
 

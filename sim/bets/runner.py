@@ -121,9 +121,26 @@ def summary_markdown(records: Iterable[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(records: Iterable[dict], out: Path) -> Path:
-    """DIR/summary.md."""
+def regime_markdown(reliance: dict) -> str:
+    """The regime the bets ran in: the base's expert reliance on each pretraining text, as a table."""
+    lines = ["## The regime these bets ran in: expert reliance of the base", "",
+             "ppl ratio on each held-out text when every expert is zeroed, when each block's experts are "
+             "averaged (Bet 38's operation), and when one expert at a time is removed (median / max over the 64).",
+             "", "| text | base ppl | zeroed | averaged | drop one (median / max) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, r in reliance["texts"].items():
+        lines.append(f"| {name} | {r['ppl']:.2f} | x{r['zeroed_ratio']:.2f} | x{r['averaged_ratio']:.2f} | "
+                     f"x{r['drop_one']['median_ratio']:.3f} / x{r['drop_one']['max_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(records: Iterable[dict], out: Path, *, reliance: dict | None = None) -> Path:
+    """DIR/summary.md, and with ``reliance`` (the suite's `Suite.reliance()`) DIR/regime.json and a
+    regime section in the summary."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.md"
-    path.write_text(summary_markdown(records))
+    text = summary_markdown(records)
+    if reliance is not None:
+        (out / "regime.json").write_text(json.dumps(reliance, indent=2) + "\n")
+        text += "\n" + regime_markdown(reliance)
+    path.write_text(text)
     return path
