@@ -89,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         floor = "" if m["bpc_floor"] is None else f"  floor {m['bpc_floor']:.3f}"
         zlib = "" if "zlib_bpc" not in m else f"  zlib {m['zlib_bpc']:.3f}"
         print(f"  base on {name:<16} ppl {m['ppl']:>9.3f}  bpc {m['bpc']:.3f}{floor}{zlib}")
-    print("  expert reliance (ppl ratio): text, all experts zeroed, each block's experts averaged, drop one (median/max)")
+    print("  expert reliance (ppl ratio): text, all experts zeroed, each block's experts averaged, "
+          "drop one (median/max)")
     for name, r in reliance["texts"].items():
         print(f"    {name:<14} x{r['zeroed_ratio']:<8.2f} x{r['averaged_ratio']:<8.2f} "
               f"x{r['drop_one']['median_ratio']:.3f}/x{r['drop_one']['max_ratio']:.3f}")

@@ -35,13 +35,23 @@ import bisect
 import hashlib
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
 from .personas import PERSONA_SPECS, Mark, PersonaSpec
-from .real_text import (CORPUS_PERSONA, EVAL_FRACTION, REFERENCE, FolderSource, ReferenceSource, StdlibSource,
-                        folder_sources, reference_source, stdlib_files, stdlib_source)
+from .real_text import (
+    CORPUS_PERSONA,
+    EVAL_FRACTION,
+    REFERENCE,
+    FolderSource,
+    ReferenceSource,
+    StdlibSource,
+    folder_sources,
+    reference_source,
+    stdlib_files,
+    stdlib_source,
+)
 from .text_sources import SPLITS, CorpusError, TextSource, check_seed, check_split, stable_hash, zlib_bpc
 
 __all__ = [  # the names the rest of the project reads from here (some defined in the modules above)
@@ -251,7 +261,7 @@ class Vocabulary:
         return self.first[ids[0]] + "".join(self.emit[a][b] for a, b in zip(ids, ids[1:]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _vocabulary(persona: str) -> Vocabulary:
     return Vocabulary(PERSONA_SPECS[persona])
 

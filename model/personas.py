@@ -7,6 +7,7 @@ This module imports nothing else of ours outside ``model``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .text_sources import CorpusError
 
@@ -79,7 +80,7 @@ _PROSE_GRAMMAR = {
 
 
 def _prose(name: str, words: dict[str, str], grammar: dict[str, dict[str, float]] | None = None,
-           **knobs: float) -> PersonaSpec:
+           **knobs: Any) -> PersonaSpec:
     """A prose persona: shared function words and grammar, plus its own words (and grammar tweaks)."""
     merged = dict(_PROSE_FUNCTION_WORDS)
     for cls, extra in words.items():

@@ -26,7 +26,7 @@ from model.corpora import CorpusError
 from model.pipeline import Suite
 from proto.ids import is_valid_id
 
-from . import faults, network, prefetch_sweep, soup
+from . import faults, network, prefetch_sweep, regime, soup
 from .actors import RayStartError
 from .console import noise_to
 from .federation import FederationError, LocalFederation
@@ -61,6 +61,7 @@ def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool 
         suite.adapter_state(u)
     if scn.soup_nodes():
         soup.bank(scn, suite)
+    suite.reliance()  # the regime the run is in (cached beside the base)
     return suite
 
 
@@ -122,6 +123,7 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
         phases["workload"] = time.perf_counter() - t
         stats = stats_to_dict(fed.handle.core.stats(None))  # bytes and request counters
         report = assemble(scn, fed, stats, workload, links)
+        add_section(report, regime.section(suite))
         if fed.soup_instances:
             add_section(report, soup.section(fed, stats, workload.soup, scn.model.expert_codec))
         report["memory"] = await fed.memory()  # RSS and PSS of every node actor, per node

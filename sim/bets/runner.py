@@ -126,7 +126,8 @@ def regime_markdown(reliance: dict) -> str:
     lines = ["## The regime these bets ran in: expert reliance of the base", "",
              "ppl ratio on each held-out text when every expert is zeroed, when each block's experts are "
              "averaged (Bet 38's operation), and when one expert at a time is removed (median / max over the 64).",
-             "", "| text | base ppl | zeroed | averaged | drop one (median / max) |", "| --- | ---: | ---: | ---: | ---: |"]
+             "", "| text | base ppl | zeroed | averaged | drop one (median / max) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for name, r in reliance["texts"].items():
         lines.append(f"| {name} | {r['ppl']:.2f} | x{r['zeroed_ratio']:.2f} | x{r['averaged_ratio']:.2f} | "
                      f"x{r['drop_one']['median_ratio']:.3f} / x{r['drop_one']['max_ratio']:.3f} |")

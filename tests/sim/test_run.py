@@ -187,3 +187,14 @@ def test_address_joins_an_existing_ray_cluster(tiny_suite, tmp_path):  # tiny_su
                 continue
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_every_run_says_which_regime_its_model_is_in(federation_run, tiny_suite):
+    _, _, out, _ = federation_run
+    regime = json.loads((out / "report.json").read_text())["model_regime"]
+    assert regime["pretrained_on"] == list(tiny_suite.pretrain) and "reference" in regime["pretrained_on"]
+    assert regime["expert_reliance"] == tiny_suite.reliance()["texts"]
+    ref = regime["real_text_bpc"]["reference"]
+    assert ref["beats_zlib"] == (ref["bpc"] < ref["zlib_bpc"])
+    md = (out / "report.md").read_text()
+    assert "## Model regime" in md and "| reference |" in md
