@@ -252,8 +252,9 @@ def test_codec_sizes_match_first_principles(tiny_sd):
     assert list(sizes) == list(CODECS)
     assert sizes["fp32"] == {"bytes": 2 * other_n + 4 * expert_n, "bits_per_expert_weight": 32.0}
     assert sizes["fp16"]["bits_per_expert_weight"] == 16.0
-    per_matrix = 32 * 32  # tiny experts are 32x32: ceil(1024 / 5) bytes of trits + a 4-byte scale
-    assert sizes["ternary"]["bytes"] == 2 * other_n + n_mats * (math.ceil(per_matrix / 5) + 4)
+    per_matrix = {v.numel() for k, v in tiny_sd.items() if expert_of(k)}  # tiny experts are 32x128 and 128x32
+    assert per_matrix == {32 * 128}  # each: ceil(4096 / 5) bytes of trits + a 4-byte scale
+    assert sizes["ternary"]["bytes"] == 2 * other_n + n_mats * (math.ceil(per_matrix.pop() / 5) + 4)
     assert sizes["prune50"]["bits_per_expert_weight"] == pytest.approx(1 + 16 / 2)
     # entropy coding pays ~20 bytes per matrix (counts, coder state): not worth it on 32x32 matrices
     assert sizes["prune50+ternary-ec"]["bytes"] - sizes["prune50+ternary"]["bytes"] < n_mats * 32
@@ -266,7 +267,8 @@ def test_codec_throughput_reports_every_figure(tiny_sd):
     for v in r.values():
         assert v["decode_MBps"] > 0 and v["encode_MBps"] > 0 and v["copy_MBps"] > 0
         assert v["decode_over_copy"] == pytest.approx(v["decode_MBps"] / v["copy_MBps"])
-    assert r["ternary"]["bits_per_weight"] == pytest.approx(8 * (math.ceil(1024 / 5) + 4) / 1024)
+    n = 32 * 128  # weights per tiny expert matrix: 5 trits a byte and a 4-byte scale
+    assert r["ternary"]["bits_per_weight"] == pytest.approx(8 * (math.ceil(n / 5) + 4) / n)
 
 
 # ----------------------------------------------------------------------------- bad input
