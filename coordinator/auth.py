@@ -45,8 +45,12 @@ class Principal:
 
 
 def new_token() -> str:
-    """A fresh random bearer token (256 bits)."""
-    return secrets.token_urlsafe(32)
+    """A fresh random bearer token (256 bits) that never starts with "-": one in 64 URL-safe tokens
+    would, and a command line such as ``--token -x...`` reads it as an option."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def hash_token(token: str) -> bytes:

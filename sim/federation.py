@@ -23,6 +23,7 @@ import grpc
 import ray
 from tqdm.auto import tqdm
 
+from coordinator.auth import new_token
 from coordinator.config import CoordinatorConfig
 from coordinator.server import CoordinatorHandle, serve
 from model.codecs import bundle_meta, encode_state_dict
@@ -132,8 +133,8 @@ class LocalFederation:
         self.suite = suite
         self.workdir = Path(workdir)
         self.progress = progress
-        self.admin_token = secrets.token_urlsafe(24)
-        self.node_token = secrets.token_urlsafe(24)
+        self.admin_token = new_token()  # pasted into client commands: never starts with "-"
+        self.node_token = new_token()
         self.user_tokens: dict[str, str] = {}
         self.bundles: dict[str, BundleInfo] = {}
         self.plans = plan_nodes(scn, suite, link_names)

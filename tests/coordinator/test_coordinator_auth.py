@@ -51,3 +51,9 @@ def test_tokens_are_random_and_stored_hashed():
     tokens = {new_token() for _ in range(100)}
     assert len(tokens) == 100 and all(len(t) >= 40 for t in tokens)
     assert hash_token("x") != hash_token("y") and len(hash_token("x")) == 32
+
+
+def test_no_token_reads_as_a_command_line_option():
+    """`coordinator.client --token TOKEN` parses TOKEN as an option when it starts with "-" (1 in 64
+    URL-safe tokens did: the client CLI test failed on such a draw)."""
+    assert not any(new_token().startswith("-") for _ in range(3000))  # ~47 would, by chance alone
