@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
