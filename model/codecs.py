@@ -28,10 +28,12 @@ documented byte by byte in docs/bundle-format.md (section "Codec payloads").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +41,8 @@ import torch
 from .config import ModelConfig
 from .entropy_coding import EntropyCodingError, decode_symbols, encode_symbols
 from .fractal_moe import expert_of
+
+_T = TypeVar("_T")
 
 CODECS: tuple[str, ...] = (
     "fp32", "fp16", "int8", "ternary", "ternary-ec",
@@ -394,7 +398,7 @@ def bundle_meta(cfg: ModelConfig, *, model: str, expert_codec: str, other_codec:
                 seed: int | None = None) -> dict:
     """The metadata of a model bundle: the model's name, the codecs, its shape (``model_config``, what
     ``node.assembly.config_from_meta`` reads back) and, when known, the preset and seed it came from."""
-    meta = {"model": model, "expert_codec": expert_codec, "other_codec": other_codec,
+    meta: dict[str, object] = {"model": model, "expert_codec": expert_codec, "other_codec": other_codec,
             "model_config": dataclasses.asdict(cfg)}
     if preset is not None:
         meta["preset"] = preset
@@ -438,10 +442,22 @@ def codec_sizes(sd: Mapping[str, torch.Tensor], codecs: Iterable[str] = CODECS, 
     return sizes
 
 
-def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    """Best wall time of ``repeats`` calls, and the last call's result."""
-    best, result = math.inf, None
-    for _ in range(repeats):
+def _encode_all(tensors: Mapping[str, torch.Tensor], codec: str) -> list[EncodedTensor]:
+    """Every tensor of ``tensors`` encoded with ``codec``, in order."""
+    return [encode_tensor(k, v, codec) for k, v in tensors.items()]
+
+
+def _decode_all(encoded: Iterable[EncodedTensor]) -> list[torch.Tensor]:
+    """Every tensor of ``encoded`` decoded, in order."""
+    return [decode_tensor(e) for e in encoded]
+
+
+def _timed(fn: Callable[[], _T], repeats: int) -> tuple[float, _T]:
+    """Best wall time of ``repeats`` (>= 1) calls, and the last call's result."""
+    t0 = time.perf_counter()
+    result = fn()
+    best = time.perf_counter() - t0
+    for _ in range(repeats - 1):
         t0 = time.perf_counter()
         result = fn()
         best = min(best, time.perf_counter() - t0)
@@ -463,12 +479,12 @@ def codec_throughput(sd: Mapping[str, torch.Tensor], codecs: Iterable[str] = COD
     mb = sum(v.numel() for v in experts.values()) * 4 / 1e6
     result: dict[str, dict[str, float]] = {}
     for codec in codecs:
-        enc_s, encoded = _timed(lambda codec=codec: [encode_tensor(k, v, codec) for k, v in experts.items()], repeats)
+        enc_s, encoded = _timed(functools.partial(_encode_all, experts, codec), repeats)
         copy_s = dec_s = math.inf
-        [decode_tensor(e) for e in encoded]  # warm-up: the allocator's first pages cost page faults
+        _decode_all(encoded)  # warm-up: the allocator's first pages cost page faults
         for _ in range(repeats):  # interleaved, so a busy machine slows both alike
             copy_s = min(copy_s, _timed(lambda: [v.clone() for v in experts.values()], 1)[0])
-            dec_s = min(dec_s, _timed(lambda encoded=encoded: [decode_tensor(e) for e in encoded], 1)[0])
+            dec_s = min(dec_s, _timed(functools.partial(_decode_all, encoded), 1)[0])
         result[codec] = {
             "encode_MBps": mb / enc_s, "decode_MBps": mb / dec_s, "copy_MBps": mb / copy_s,
             "decode_over_copy": copy_s / dec_s,

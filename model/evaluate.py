@@ -97,7 +97,7 @@ def routing_counts(model: FractalMoE, ids: torch.Tensor) -> torch.Tensor:
         model(x[i:i + 16].to(device))
         keep = (y[i:i + 16] != -100)  # (b, T)
         for b, m in enumerate(model.moes):
-            counts[b] += torch.bincount(m.last_route.cpu()[keep], minlength=model.cfg.n_experts)
+            counts[b] += torch.bincount(m.route().cpu()[keep], minlength=model.cfg.n_experts)
     return counts
 
 

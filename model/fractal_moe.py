@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -123,6 +124,12 @@ class MoE(nn.Module):
         self.last_input = flat.detach().view(B, T, C) if self.record_input else None
         return out.view(B, T, C), aux
 
+    def route(self) -> torch.Tensor:
+        """The experts chosen in the last forward pass ((B, T) long); an error before the first pass."""
+        if self.last_route is None:
+            raise RuntimeError("no forward pass yet: the MoE has no routes to report")
+        return self.last_route
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: attention, then the mixture of experts."""
@@ -174,7 +181,8 @@ class FractalMoE(nn.Module):
     @property
     def moes(self) -> list[MoE]:
         """The MoE layer of each block, in order."""
-        return [b.moe for b in self.blocks]
+        # nn.ModuleList yields plain nn.Module; __init__ fills it with Blocks only
+        return [cast(Block, b).moe for b in self.blocks]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Output:
         """Logits for every position; loss when ``targets`` ((B, T) long, -100 ignored) is given."""
@@ -195,7 +203,7 @@ class FractalMoE(nn.Module):
 
     def routes(self) -> torch.Tensor:
         """The experts chosen in the last forward pass: (L, B, T) long."""
-        return torch.stack([m.last_route for m in self.moes])
+        return torch.stack([m.route() for m in self.moes])
 
     @contextmanager
     def serving(self, *, available: torch.Tensor | None = None, forced_route: torch.Tensor | None = None,

@@ -123,7 +123,9 @@ def weighted_soup(sds: Sequence[Mapping[str, torch.Tensor]], *, weights: Sequenc
         if fixed is not None:
             out[k] = fixed
             continue
-        acc = sum(wi * _acc(sd[k]) for wi, sd in zip(w, sds))
+        acc = w[0] * _acc(sds[0][k])
+        for wi, sd in zip(w[1:], sds[1:]):
+            acc = acc + wi * _acc(sd[k])
         out[k] = acc.to(sds[0][k].dtype)
     return out
 

@@ -258,9 +258,10 @@ class Suite:
         lp = token_logps(model, ids)
         text = self.text(name, "eval")
         scored = text[len(self.tokenizer.decode([int(ids[0])])):]  # the first token is never predicted
+        floor = self.floor_bpc(name)
         out = {"ppl": round(perplexity(lp), 4), "bpc": round(bits_per_char(lp, len(scored)), 4),
-               "bpc_floor": None if self.floor_bpc(name) is None else round(self.floor_bpc(name), 4)}
-        if self.floor_bpc(name) is None:
+               "bpc_floor": None if floor is None else round(floor, 4)}
+        if floor is None:
             out["zlib_bpc"] = round(corpora.zlib_bpc(scored), 4)
         return out
 

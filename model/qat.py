@@ -63,7 +63,7 @@ def ternary_qat(model: nn.Module, sample_batch: Callable[[], tuple[torch.Tensor,
     for lin in linears:
         parametrize.register_parametrization(lin, "weight", StraightThroughQuantiser(codec))
     try:
-        latent = [lin.parametrizations.weight.original for lin in linears]
+        latent = [lin.get_parameter("parametrizations.weight.original") for lin in linears]
         trainable = list(model.parameters()) if train_all else latent
         ids = {id(p) for p in trainable}
         for p in model.parameters():

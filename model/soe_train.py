@@ -112,9 +112,10 @@ def train_soup(soup: SoupOfExperts, streams: Sequence[torch.Tensor], *, progress
 def content_hash(state: dict[str, torch.Tensor] | None = None, streams: Sequence[torch.Tensor] = ()) -> str:
     """A short hash of a state dict's tensors and of token streams: what a cache key must cover."""
     h = hashlib.sha256()
-    for name in sorted(state or {}):
+    tensors = state or {}
+    for name in sorted(tensors):
         h.update(name.encode())
-        h.update(state[name].detach().contiguous().cpu().numpy().tobytes())
+        h.update(tensors[name].detach().contiguous().cpu().numpy().tobytes())
     for s in streams:
         h.update(b"\0stream")
         h.update(s.to(torch.int64).contiguous().numpy().tobytes())

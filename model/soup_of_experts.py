@@ -101,6 +101,8 @@ class SoupOfExperts(nn.Module):
     (e.g. a trained base's state dict); without it S is a fresh FractalMoE of ``seed``.
     """
 
+    template: FractalMoE  # set in __init__ outside the module registry, so declared here
+
     def __init__(self, model_cfg: ModelConfig, soup_cfg: SoupConfig, domains: Sequence[str], *,
                  shared: dict[str, torch.Tensor] | None = None, seed: int = 0) -> None:
         super().__init__()

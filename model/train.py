@@ -43,6 +43,8 @@ def optimizer_step(opt: torch.optim.Optimizer, out: Output, *, aux_loss_coef: fl
     """One step on next-token cross-entropy plus ``aux_loss_coef`` x the load-balancing loss, the
     gradient norm of ``params`` clipped to ``grad_clip`` (0: not clipped); returns the
     cross-entropy (nats)."""
+    if out.loss is None:
+        raise ValueError("optimizer_step needs the loss of a forward pass given targets")
     loss = out.loss + aux_loss_coef * out.aux_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
