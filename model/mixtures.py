@@ -26,12 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
 
 Array = torch.Tensor | np.ndarray
+# a function of one array returns the kind it was given: torch in, torch out
+ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
 
 # Tolerated excess of a log-probability over 0 (float rounding in a log_softmax).
 _LOGP_TOL = 1e-6
@@ -47,24 +49,27 @@ class MixtureError(ValueError):
 
 # ---- input handling ---------------------------------------------------------------------------
 
-def _f64(x: Array, name: str) -> tuple[torch.Tensor, bool]:
-    """``x`` as a float64 tensor, and whether it came in as numpy (to hand numpy back)."""
+def _f64(x: Array, name: str) -> torch.Tensor:
+    """``x`` as a float64 tensor (:func:`_out` hands numpy back for numpy in)."""
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.asarray(x, dtype=np.float64)), True
+        return torch.from_numpy(np.asarray(x, dtype=np.float64))
     if isinstance(x, torch.Tensor):
         if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
             raise MixtureError(f"{name} must hold real numbers, got dtype {x.dtype}")
-        return x.detach().to(torch.float64), False
+        return x.detach().to(torch.float64)
     raise MixtureError(f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}")
 
 
-def _out(t: torch.Tensor, as_numpy: bool) -> Array:
-    return t.numpy() if as_numpy else t
+def _out(t: torch.Tensor, like: ArrayT) -> ArrayT:
+    """``t`` in the kind of array ``like`` is: numpy in, numpy out."""
+    if isinstance(like, np.ndarray):
+        return t.numpy()
+    return t
 
 
-def _logps(logps: Array, name: str = "logps", *, min_dim: int = 2) -> tuple[torch.Tensor, bool]:
+def _logps(logps: Array, name: str = "logps", *, min_dim: int = 2) -> torch.Tensor:
     """Validated log-probabilities: (N, ..., T) float64, no NaN, none above 0, none +inf."""
-    t, as_np = _f64(logps, name)
+    t = _f64(logps, name)
     if t.dim() < min_dim:
         raise MixtureError(f"{name} must have at least {min_dim} axes (specialists first), got shape {tuple(t.shape)}")
     if t.size(0) < 1 or t.size(-1) < 1:
@@ -73,13 +78,12 @@ def _logps(logps: Array, name: str = "logps", *, min_dim: int = 2) -> tuple[torc
         raise MixtureError(f"{name} contains NaN")
     if (t > _LOGP_TOL).any():
         raise MixtureError(f"{name} are not log-probabilities: largest value {float(t.max()):.3g} > 0")
-    return t, as_np
+    return t
 
 
 def _prior(prior: Array | Sequence[float], n: int) -> torch.Tensor:
     """The prior over ``n`` specialists, validated and normalised: (N,) float64."""
-    p, _ = _f64(prior if isinstance(prior, (torch.Tensor, np.ndarray)) else np.asarray(prior, dtype=np.float64),
-                "prior")
+    p = _f64(prior if isinstance(prior, (torch.Tensor, np.ndarray)) else np.asarray(prior, dtype=np.float64), "prior")
     if p.shape != (n,):
         raise MixtureError(f"prior must have shape ({n},) to match {n} specialists, got {tuple(p.shape)}")
     if not torch.isfinite(p).all() or (p < 0).any() or float(p.sum()) <= 0:
@@ -103,7 +107,7 @@ def _log_prior(prior: Array | Sequence[float] | None, n: int) -> torch.Tensor:
 
 def _log_weights(weights: Array, logps: torch.Tensor) -> torch.Tensor:
     """log of non-negative mixture weights (N,) or (N, ...), broadcast against ``logps``."""
-    w, _ = _f64(weights, "weights")
+    w = _f64(weights, "weights")
     n = logps.size(0)
     if w.dim() == 0 or w.size(0) != n:
         raise MixtureError(f"weights must have {n} rows (one per specialist), got shape {tuple(w.shape)}")
@@ -122,24 +126,24 @@ def _log_weights(weights: Array, logps: torch.Tensor) -> torch.Tensor:
 
 # ---- mixtures of observed-token log-probabilities ---------------------------------------------
 
-def uniform_mixture(logps: Array) -> Array:
+def uniform_mixture(logps: ArrayT) -> ArrayT:
     """Uniform mixture of N specialists (Bet 04): logsumexp_i logps[i] - log N, shape (..., T)."""
-    t, as_np = _logps(logps)
-    return _out(torch.logsumexp(t, dim=0) - math.log(t.size(0)), as_np)
+    t = _logps(logps)
+    return _out(torch.logsumexp(t, dim=0) - math.log(t.size(0)), logps)
 
 
-def weighted_mixture(logps: Array, weights: Array) -> Array:
+def weighted_mixture(logps: ArrayT, weights: Array) -> ArrayT:
     """Mixture with fixed or per-position weights: log sum_i w_i p_i(x_t), weights normalised over i.
 
     ``weights`` is (N,) or (N, ..., T) and non-negative; returns (..., T).
     """
-    t, as_np = _logps(logps)
-    return _out(torch.logsumexp(_log_weights(weights, t) + t, dim=0), as_np)
+    t = _logps(logps)
+    return _out(torch.logsumexp(_log_weights(weights, t) + t, dim=0), logps)
 
 
-def posterior_log_weights(logps: Array, prior: Array | Sequence[float] | None = None) -> Array:
+def posterior_log_weights(logps: ArrayT, prior: Array | Sequence[float] | None = None) -> ArrayT:
     """log of the posterior weights of :func:`posterior_weights`: (N, ..., T)."""
-    t, as_np = _logps(logps)
+    t = _logps(logps)
     log_prior = _log_prior(prior, t.size(0)).reshape((-1,) + (1,) * (t.dim() - 1))  # (N, 1.., 1)
     # exclusive prefix sum, built by shifting: (cumsum - t) would turn a -inf into NaN
     seen = torch.cat([torch.zeros_like(t[..., :1]), torch.cumsum(t, dim=-1)[..., :-1]], dim=-1)  # (N, ..., T)
@@ -147,25 +151,25 @@ def posterior_log_weights(logps: Array, prior: Array | Sequence[float] | None = 
     norm = torch.logsumexp(joint, dim=0, keepdim=True)  # (1, ..., T)
     if torch.isinf(norm).any():
         raise MixtureError("every specialist gave probability 0 to an earlier token: the posterior is undefined")
-    return _out(joint - norm, as_np)
+    return _out(joint - norm, logps)
 
 
-def posterior_step(log_weights: Array, token_logps: Array) -> Array:
+def posterior_step(log_weights: ArrayT, token_logps: Array) -> ArrayT:
     """The posterior log weights (N, ...) after one more token, to which specialist i gave ``token_logps[i]``.
 
     log w_i + log p_i(x), renormalised over i: one step of :func:`posterior_log_weights`, for a
     generator that weights each next token by the posterior after the tokens it produced.
     """
-    lw, as_np = _f64(log_weights, "log_weights")
-    lp, _ = _f64(token_logps, "token_logps")
+    lw = _f64(log_weights, "log_weights")
+    lp = _f64(token_logps, "token_logps")
     joint = lw + lp  # (N, ...)
     norm = torch.logsumexp(joint, dim=0, keepdim=True)
     if torch.isinf(norm).any():
         raise MixtureError("every specialist gave the token probability 0: the posterior is undefined")
-    return _out(joint - norm, as_np)
+    return _out(joint - norm, log_weights)
 
 
-def posterior_weights(logps: Array, prior: Array | Sequence[float] | None = None) -> Array:
+def posterior_weights(logps: ArrayT, prior: Array | Sequence[float] | None = None) -> ArrayT:
     """Bayesian weight of specialist i at position t: prior_i prod_{s<t} p_i(x_s), normalised over i.
 
     The weights at t use only tokens before t, so they can steer generation of x_t. (N, ..., T).
@@ -174,29 +178,29 @@ def posterior_weights(logps: Array, prior: Array | Sequence[float] | None = None
     return np.exp(lw) if isinstance(lw, np.ndarray) else torch.exp(lw)
 
 
-def posterior_mixture(logps: Array, prior: Array | Sequence[float] | None = None) -> Array:
+def posterior_mixture(logps: ArrayT, prior: Array | Sequence[float] | None = None) -> ArrayT:
     """Posterior-weighted mixture: log sum_i w_i(t) p_i(x_t), shape (..., T).
 
     Total log-loss over each sequence is at most the best specialist's plus -log prior_i.
     """
-    t, as_np = _logps(logps)
-    lw, _ = _f64(posterior_log_weights(t, prior), "weights")
-    return _out(torch.logsumexp(lw + t, dim=0), as_np)
+    t = _logps(logps)
+    lw = _f64(posterior_log_weights(t, prior), "weights")
+    return _out(torch.logsumexp(lw + t, dim=0), logps)
 
 
-def attribution(logps: Array, weights: Array | None = None) -> Array:
+def attribution(logps: ArrayT, weights: Array | None = None) -> ArrayT:
     """Responsibility of each specialist for each token (Bet 18): w_i p_i / sum_j w_j p_j, (N, ..., T).
 
     ``weights`` (N,) or (N, ..., T), non-negative; None means uniform. With the posterior weights
     of :func:`posterior_weights`, the responsibility at t is the posterior after seeing x_t.
     Columns sum to 1.
     """
-    t, as_np = _logps(logps)
+    t = _logps(logps)
     joint = t if weights is None else _log_weights(weights, t) + t  # (N, ..., T)
     norm = torch.logsumexp(joint, dim=0, keepdim=True)
     if torch.isinf(norm).any():
         raise MixtureError("every weighted specialist gave probability 0 to some token: no responsibility to share")
-    return _out(torch.exp(joint - norm), as_np)
+    return _out(torch.exp(joint - norm), logps)
 
 
 # ---- the guarantees, as checks -----------------------------------------------------------------
@@ -214,8 +218,8 @@ def per_token_bound_holds(mix: Array, logps: Array, *, tol: float = 1e-9) -> Bou
     ``mix`` (..., T) is the uniform mixture of ``logps`` (N, ..., T), or any mixture claimed to
     satisfy the uniform mixture's bound. ``tol`` absorbs float rounding.
     """
-    m, _ = _f64(mix, "mix")
-    lp, _ = _logps(logps)
+    m = _f64(mix, "mix")
+    lp = _logps(logps)
     if m.shape != lp.shape[1:]:
         raise MixtureError(f"mix has shape {tuple(m.shape)}, expected {tuple(lp.shape[1:])} to match logps")
     bound = lp.max(dim=0).values - math.log(lp.size(0))  # (..., T)
@@ -232,8 +236,8 @@ def regret_bound_holds(mix: Array, logps: Array, prior: Array | Sequence[float] 
     The posterior mixture's guarantee: its total log-loss exceeds the best specialist's by at most
     -log prior_i (log N for a uniform prior). ``mix`` is (..., T), ``logps`` (N, ..., T).
     """
-    m, _ = _f64(mix, "mix")
-    lp, _ = _logps(logps)
+    m = _f64(mix, "mix")
+    lp = _logps(logps)
     if m.shape != lp.shape[1:]:
         raise MixtureError(f"mix has shape {tuple(m.shape)}, expected {tuple(lp.shape[1:])} to match logps")
     log_prior = _log_prior(prior, lp.size(0)).reshape((-1,) + (1,) * (lp.dim() - 2))  # (N, 1..)
@@ -246,40 +250,40 @@ def regret_bound_holds(mix: Array, logps: Array, prior: Array | Sequence[float] 
 
 # ---- whole next-token distributions (generation) -----------------------------------------------
 
-def observed_logps(logprobs: Array, tokens: Array) -> Array:
+def observed_logps(logprobs: ArrayT, tokens: Array) -> ArrayT:
     """The log-probability each specialist gave the observed tokens: (N, ..., T, V) -> (N, ..., T)."""
-    lp, as_np = _logps(logprobs, "logprobs", min_dim=3)
+    lp = _logps(logprobs, "logprobs", min_dim=3)
     tok = torch.as_tensor(tokens).long()
     if tok.shape != lp.shape[1:-1]:
         raise MixtureError(f"tokens have shape {tuple(tok.shape)}, expected {tuple(lp.shape[1:-1])}")
     if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= lp.size(-1)):
         raise MixtureError(f"token ids must lie in [0, {lp.size(-1)})")
     idx = tok.expand(lp.shape[:-1])[..., None]  # (N, ..., T, 1)
-    return _out(lp.gather(-1, idx)[..., 0], as_np)
+    return _out(lp.gather(-1, idx)[..., 0], logprobs)
 
 
-def mixture_distribution(logprobs: Array, weights: Array | None = None) -> Array:
+def mixture_distribution(logprobs: ArrayT, weights: Array | None = None) -> ArrayT:
     """The mixture's next-token log-distribution: log sum_i w_i p_i(v), (N, ..., V) -> (..., V).
 
     ``weights`` (N,) or (N, ...) per position (e.g. posterior weights (N, T) for logprobs
     (N, T, V)); None means uniform. Each output row sums to 1 when the inputs' rows do.
     """
-    lp, as_np = _logps(logprobs, "logprobs")
+    lp = _logps(logprobs, "logprobs")
     if weights is None:
-        return _out(torch.logsumexp(lp, dim=0) - math.log(lp.size(0)), as_np)
-    return _out(torch.logsumexp(_log_weights(weights, lp) + lp, dim=0), as_np)
+        return _out(torch.logsumexp(lp, dim=0) - math.log(lp.size(0)), logprobs)
+    return _out(torch.logsumexp(_log_weights(weights, lp) + lp, dim=0), logprobs)
 
 
-def posterior_mixture_distribution(logprobs: Array, tokens: Array,
-                                   prior: Array | Sequence[float] | None = None) -> Array:
+def posterior_mixture_distribution(logprobs: ArrayT, tokens: Array,
+                                   prior: Array | Sequence[float] | None = None) -> ArrayT:
     """Next-token log-distribution of the posterior mixture at every position: (N, ..., T, V) -> (..., T, V).
 
     Position t is weighted by the posterior after ``tokens`` (..., T) before t, as a generator
     that has produced those tokens would weight it.
     """
-    lp, as_np = _logps(logprobs, "logprobs", min_dim=3)
-    lw, _ = _f64(posterior_log_weights(observed_logps(lp, tokens), prior), "weights")  # (N, ..., T)
-    return _out(torch.logsumexp(lw[..., None] + lp, dim=0), as_np)
+    lp = _logps(logprobs, "logprobs", min_dim=3)
+    lw = _f64(posterior_log_weights(observed_logps(lp, tokens), prior), "weights")  # (N, ..., T)
+    return _out(torch.logsumexp(lw[..., None] + lp, dim=0), logprobs)
 
 
 # ---- top-k compression of a distribution -------------------------------------------------------
@@ -392,7 +396,7 @@ def topk_split(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 def compress_topk(logprobs: Array, *, k: int) -> TopK:
     """Keep the ``k`` most probable tokens of each distribution (..., V) and the mass left over."""
-    lp, _ = _logps(logprobs, "logprobs", min_dim=1)
+    lp = _logps(logprobs, "logprobs", min_dim=1)
     vocab = lp.size(-1)
     if not 1 <= k <= vocab:
         raise MixtureError(f"k must lie in [1, {vocab}], got {k}")
@@ -408,7 +412,7 @@ def topk_tradeoff(logprobs: Array, tokens: Array | None = None, *, ks: Sequence[
     ``kl_nats`` (mean KL(p || reconstruction)) and, with ``tokens`` (...,), ``extra_nats`` (mean
     extra log-loss on the observed tokens).
     """
-    lp, _ = _logps(logprobs, "logprobs", min_dim=1)
+    lp = _logps(logprobs, "logprobs", min_dim=1)
     vocab = lp.size(-1)
     p = torch.exp(lp)
     rows = []
