@@ -112,7 +112,7 @@ class Driver:
         if r is None:
             return
         comps = {c.component.specialist: c.perplexity for c in r.components}  # exp(-mean), from the coordinator
-        best = min(comps, key=comps.get)
+        best = min(comps, key=comps.__getitem__)
         # the per-token bound of Bet 04 (uniform) and the total-regret bound (posterior), checked on the wire
         n = len(specialists)
         mix = list(r.logprobs)
@@ -181,8 +181,8 @@ class Driver:
                     jobs += [self.mixture(p, mode, k) for k in range(w.mixture_requests)]
         for u in self.suite.known_users:
             jobs += [self.generate(u, k) for k in range(w.generate_requests_per_user)]
-        for p in self.fed.plans:
-            jobs += [self.soup_user(p.node_id, u) for u in p.group]
+        for plan in self.fed.plans:
+            jobs += [self.soup_user(plan.node_id, u) for u in plan.group]
         await asyncio.gather(*jobs)
         for lst, key in ((self.result.users, "user"), (self.result.unknown, "user"), (self.result.generations, "user"),
                          (self.result.requests, "user")):

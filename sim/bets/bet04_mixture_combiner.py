@@ -27,7 +27,7 @@ def specialist_logps(ctx: BetContext) -> dict[str, torch.Tensor]:
 
 def _text_row(lp: torch.Tensor, uni: torch.Tensor, post: torch.Tensor, personas: tuple[str, ...]) -> dict:
     spec = {p: ppl(lp[i]) for i, p in enumerate(personas)}
-    best = min(spec, key=spec.get)
+    best = min(spec, key=spec.__getitem__)
     return {"specialist_ppl": spec, "best_specialist": best, "best_ppl": spec[best],
             "uniform_ppl": ppl(uni), "posterior_ppl": ppl(post), "tokens": int(lp.size(1))}
 
@@ -47,7 +47,8 @@ def measure(ctx: BetContext) -> dict[str, Any]:
         regret_slack = min(regret_slack, regret.slack)
         texts[t] = _text_row(lp, uni, post, personas)
         pooled.append((lp, uni, post))
-    texts[MIXED] = _text_row(*(torch.cat(parts, dim=-1) for parts in zip(*pooled)), personas)
+    lp_all, uni_all, post_all = (torch.cat(parts, dim=-1) for parts in zip(*pooled))  # each (.., sum T)
+    texts[MIXED] = _text_row(lp_all, uni_all, post_all, personas)
     return {
         "specialists": list(personas), "document_tokens": length, "texts": texts,
         "per_token_bound": {"holds": token_slack >= -1e-9, "slack_nats": token_slack},
