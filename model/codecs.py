@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -61,6 +61,21 @@ FP16_MAX = 65504.0
 
 class CodecError(ValueError):
     """A tensor cannot be encoded with a codec, or a payload does not decode."""
+
+
+class EncodedRecord(Protocol):
+    """What decoding reads: an :class:`EncodedTensor`, or a bundle's record with the same fields."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def codec(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def meta(self) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -312,14 +327,14 @@ def _expected_length(codec: str, rows: int, n: int, groups: int) -> int | None:
     }.get(codec)
 
 
-def _group_rows_of(e: EncodedTensor) -> int | None:
+def _group_rows_of(e: EncodedRecord) -> int | None:
     g = e.meta.get("group_rows") if isinstance(e.meta, Mapping) else None
     if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
         raise CodecError(f"tensor {e.name!r}: meta group_rows must be a positive int, got {g!r}")
     return g
 
 
-def decode_tensor(e: EncodedTensor) -> torch.Tensor:
+def decode_tensor(e: EncodedRecord) -> torch.Tensor:
     """The float32 tensor an EncodedTensor (or any record with name/codec/shape/payload/meta) holds."""
     spec = _spec(e.codec)
     shape = tuple(int(d) for d in e.shape)
@@ -345,7 +360,7 @@ def decode_tensor(e: EncodedTensor) -> torch.Tensor:
     return out.view(shape)
 
 
-def _decode_values(e: EncodedTensor, buf: bytearray, spec: _Spec, rows: int, cols: int,
+def _decode_values(e: EncodedRecord, buf: bytearray, spec: _Spec, rows: int, cols: int,
                    ids: torch.Tensor, groups: int) -> torch.Tensor:
     n = rows * cols
     at = 0

@@ -134,6 +134,7 @@ class HostedNode:
 
     spec: NodeSpec
     node: VirtualNode
+    link: ControlLink  # the node's link to the coordinator (node.control, typed as always present)
     server: NodeServer | None = None
     heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
     task: asyncio.Task | None = None  # heartbeats
@@ -247,9 +248,10 @@ class NodeHost:
     async def _start_one(self, spec: NodeSpec) -> dict:
         t0 = time.perf_counter()
         counter = ByteCounter()
+        link = self._control(counter)
         node = VirtualNode(spec.node_id, store=self.store, model_name=spec.model, limits=self.limits,
-                           control=self._control(counter), counter=counter)
-        h = self.nodes[spec.node_id] = HostedNode(spec=spec, node=node)
+                           control=link, counter=counter)
+        h = self.nodes[spec.node_id] = HostedNode(spec=spec, node=node, link=link)
         result: dict[str, Any] = {"node_id": spec.node_id, "address": "", "ok": False, "ready": False,
                                   "error": None, "model": spec.model, "link": spec.link}
         try:
@@ -261,7 +263,7 @@ class NodeHost:
                 h.task = asyncio.create_task(self._heartbeat_loop(h), name=f"heartbeat-{spec.node_id}")
             refs = _merge_refs(spec.bundles, reply.bundles)
             if reply.chunk_size and not self.fetch_policy.chunk_size:
-                node.control.policy = dataclasses.replace(self.fetch_policy, chunk_size=reply.chunk_size)
+                h.link.policy = dataclasses.replace(self.fetch_policy, chunk_size=reply.chunk_size)
             install = await self._install(node, refs) if refs else None
             if node.served is not None and h.registered_shape != node.shape():
                 try:  # announce the model's shape and bundles, unknown at first; best effort
@@ -289,6 +291,7 @@ class NodeHost:
 
     async def _register(self, h: HostedNode) -> pb.RegisterReply:
         node = h.node
+        assert h.server is not None  # a node registers once its server listens (_start_one)
         L, E = node.shape()
         installed = [pb.BundleRef(name=b.name, size=b.size, sha256=b.sha256, model=b.model, codec=b.codec)
                      for b in node.held_bundles()]
@@ -297,8 +300,7 @@ class NodeHost:
                                      n_blocks=L, n_experts=E, protocol_version=PROTOCOL_VERSION)
         for attempt in range(REGISTER_ATTEMPTS):
             try:
-                reply = await node.control.stub.Register(request, metadata=node.control.metadata,
-                                                         timeout=node.control.timeout_s)
+                reply = await h.link.stub.Register(request, metadata=h.link.metadata, timeout=h.link.timeout_s)
                 break
             except grpc.aio.AioRpcError as exc:
                 # A busy coordinator sheds or cancels calls under load (seen with 1,024 nodes): retry.
@@ -323,17 +325,16 @@ class NodeHost:
     async def _heartbeat_once(self, h: HostedNode) -> None:
         node = h.node
         try:
-            reply = await node.control.stub.Heartbeat(node.heartbeat(), metadata=node.control.metadata,
-                                                      timeout=node.control.timeout_s)
+            reply = await h.link.stub.Heartbeat(node.heartbeat(), metadata=h.link.metadata, timeout=h.link.timeout_s)
             if not reply.known:
                 again = await self._register(h)
                 self._provision(h, list(again.bundles), list(again.user_ids))
             elif reply.bundles:
                 self._provision(h, list(reply.bundles), [])
             if node.predictions != h.reported and node.routing is not None:
-                await node.control.stub.ReportRouting(
+                await h.link.stub.ReportRouting(
                     pb.RoutingReport(node_id=node.node_id, histogram=node.histogram()),
-                    metadata=node.control.metadata, timeout=node.control.timeout_s)
+                    metadata=h.link.metadata, timeout=h.link.timeout_s)
                 h.reported = node.predictions
         except (grpc.aio.AioRpcError, NodeError) as exc:
             # The coordinator may be restarting: keep serving and try again next beat.

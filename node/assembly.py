@@ -284,11 +284,10 @@ class WeightStore:
         present = torch.ones(cfg.n_layers, cfg.n_experts, dtype=torch.bool)
         full: dict[str, torch.Tensor] = {}
         for name, shape in shapes.items():
-            t = tensors.get(name)
-            if t is None:
+            held = tensors.get(name)
+            if held is None:
                 present[expert_of(name)] = False
-                t = self._zero(shape)
-            full[name] = t
+            full[name] = self._zero(shape) if held is None else held
         empty = [b for b in range(cfg.n_layers) if not bool(present[b].any())]
         if empty:
             raise AssemblyError(f"block {empty[0]} has no expert installed; a block needs at least one")

@@ -45,9 +45,9 @@ class ByteCounter:
     """
 
     def __init__(self) -> None:
-        self.by_kind: dict[int, KindCount] = {}
+        self.by_kind: dict[pb.ByteKind.ValueType, KindCount] = {}
 
-    def add(self, kind: int, *, sent: int = 0, received: int = 0, payload: int = 0) -> None:
+    def add(self, kind: pb.ByteKind.ValueType, *, sent: int = 0, received: int = 0, payload: int = 0) -> None:
         """Count one message of ``kind``."""
         c = self.by_kind.setdefault(kind, KindCount())
         c.sent += sent
@@ -84,7 +84,7 @@ class ByteCounter:
                 for k, c in sorted(self.by_kind.items())]
 
 
-def _counting_deserializer(counter: ByteCounter, kind: int,
+def _counting_deserializer(counter: ByteCounter, kind: pb.ByteKind.ValueType,
                            deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
     def run(data: bytes) -> Any:
         msg = deserialize(data) if deserialize else data
@@ -93,7 +93,7 @@ def _counting_deserializer(counter: ByteCounter, kind: int,
     return run
 
 
-def _counting_serializer(counter: ByteCounter, kind: int,
+def _counting_serializer(counter: ByteCounter, kind: pb.ByteKind.ValueType,
                          serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
     def run(msg: Any) -> bytes:
         data = serialize(msg) if serialize else msg

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from model.config import ConfigError, get_preset
-from model.fractal_moe import build_model
+from model.fractal_moe import FractalMoE, build_model
 from model.train import adapter_state
 
 from .adapters import encode_adapter
@@ -42,7 +42,7 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _bundle(model: torch.nn.Module, tag: str) -> DecodedBundle:
+def _bundle(model: FractalMoE, tag: str) -> DecodedBundle:
     tensors = {k: v.detach().clone().requires_grad_(False) for k, v in model.state_dict().items()}
     sha = hashlib.sha256(tag.encode()).digest()
     return DecodedBundle(name=f"base-{tag}", sha256=sha, size=0, meta={}, config=model.cfg, tensors=tensors)

@@ -190,7 +190,7 @@ class VirtualNode:
 
     async def generate(self, token_ids: Sequence[int], *, user_id: str = "", max_new_tokens: int,
                        temperature: float = 0.0, k: int = 0, seed: int = 0,
-                       stop_ids: Sequence[int] = ()) -> AsyncIterator[tuple[int, float, int]]:
+                       stop_ids: Sequence[int] = ()) -> AsyncIterator[tuple[int, float, pb.FinishReason.ValueType]]:
         """Validate, then yield (token id, untempered log-prob, finish reason) per generated token.
 
         Validation happens before the first token, so a bad request fails before it streams.
@@ -213,7 +213,7 @@ class VirtualNode:
 
     async def _generate(self, served: ServedModel, mask: torch.Tensor, ids: torch.Tensor, tensors, max_new: int,
                         temperature: float, k: int, seed: int,
-                        stop: frozenset[int]) -> AsyncIterator[tuple[int, float, int]]:
+                        stop: frozenset[int]) -> AsyncIterator[tuple[int, float, pb.FinishReason.ValueType]]:
         gen = torch.Generator().manual_seed(seed)
         seq = ids
         for i in range(max_new):
@@ -311,13 +311,15 @@ class VirtualNode:
             unique = {(r.name, bytes(r.sha256)): r for r in refs}.values()
             todo = [r for r in unique if not self._held(r)]
             result = InstallResult(installed=[], fetched=[], bytes_fetched=0)
-            if todo and self.control is None:
+            control = self.control
+            if todo and control is None:
                 raise NoModel(f"node {self.node_id} has no coordinator link to fetch bundles from")
             new: list[DecodedBundle] = []
             try:
                 for ref in todo:
-                    fetched = await fetch_bundle(self.control.stub, ref, node_id=self.node_id,
-                                                 metadata=self.control.metadata, policy=self.control.policy)
+                    assert control is not None  # checked above: there is something to fetch
+                    fetched = await fetch_bundle(control.stub, ref, node_id=self.node_id,
+                                                 metadata=control.metadata, policy=control.policy)
                     result.bytes_fetched += fetched.payload_bytes
                     result.resumes += fetched.resumes
                     result.refetches += fetched.refetches
@@ -382,16 +384,16 @@ class VirtualNode:
                           f"\"soup-of-experts\" first)")
         h, sample = requested_h(bank, domain_weights, sample_token_ids)
         async with self._install_lock:
-            inst, h = await self._submit(instantiate, self.store, bank, h, sample)
+            inst, used_h = await self._submit(instantiate, self.store, bank, h, sample)
             await self.adopt([inst])
-            self.soup = describe(bank, h)
+            self.soup = describe(bank, used_h)
             return self.soup
 
     def _drop_unfit_adapters(self, served: ServedModel) -> None:
         """A new model of another shape invalidates adapters made for the old one."""
         for uid in self.adapters.user_ids():
             a = self.adapters.get(uid)
-            if any(served.norm_shapes.get(k) != tuple(t.shape) for k, t in a.tensors.items()):
+            if a is not None and any(served.norm_shapes.get(k) != tuple(t.shape) for k, t in a.tensors.items()):
                 self.adapters.pop(uid)
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.soup_of_experts import SoupError, estimate_domain_weights
+from model.soup_of_experts import SoupError, SoupOfExperts, estimate_domain_weights
 from proto.model_labels import soup_label
 
 from .assembly import DecodedBundle, WeightStore
@@ -38,9 +38,16 @@ class SoupInstance:
                 "alpha": self.alpha, "model": self.label}
 
 
+def bank_of(bundle: DecodedBundle) -> SoupOfExperts:
+    """The Soup-of-Experts bank ``bundle`` holds; a ValueError for a model bundle (a caller's mistake)."""
+    if bundle.bank is None:
+        raise ValueError(f"bundle {bundle.name!r} holds no Soup-of-Experts bank")
+    return bundle.bank
+
+
 def kept_h(bank: DecodedBundle, current: SoupInstance | None) -> torch.Tensor:
     """The h to keep serving with a new bank: the current one if it fits, else uniform."""
-    d = len(bank.bank.domains)
+    d = len(bank_of(bank).domains)
     if current is not None and len(current.domain_weights) == d:
         return torch.tensor(current.domain_weights)
     return torch.full((d,), 1.0 / d)
@@ -48,9 +55,10 @@ def kept_h(bank: DecodedBundle, current: SoupInstance | None) -> torch.Tensor:
 
 def describe(bank: DecodedBundle, h: torch.Tensor) -> SoupInstance:
     """What a node serves from ``bank`` for domain weights ``h`` (d,)."""
-    h = bank.bank.check_h(h)
-    return SoupInstance(bank=bank.name, domains=bank.bank.domains, domain_weights=[float(v) for v in h],
-                        alpha=[float(v) for v in bank.bank.alpha(h).detach()], label=soup_label(h.tolist()))
+    soup = bank_of(bank)
+    h = soup.check_h(h)
+    return SoupInstance(bank=bank.name, domains=soup.domains, domain_weights=[float(v) for v in h],
+                        alpha=[float(v) for v in soup.alpha(h).detach()], label=soup_label(h.tolist()))
 
 
 def requested_h(bank: DecodedBundle, domain_weights: Sequence[float],
@@ -61,9 +69,10 @@ def requested_h(bank: DecodedBundle, domain_weights: Sequence[float],
     if bool(domain_weights) == bool(sample_token_ids):
         raise InvalidRequest("give exactly one of domain_weights and sample_token_ids")
     if domain_weights:
-        if len(domain_weights) != len(bank.bank.domains):
+        domains = bank_of(bank).domains
+        if len(domain_weights) != len(domains):
             raise InvalidRequest(f"domain_weights has {len(domain_weights)} values; the bank has "
-                                 f"{len(bank.bank.domains)} domains ({', '.join(bank.bank.domains)})")
+                                 f"{len(domains)} domains ({', '.join(domains)})")
         return torch.tensor(list(domain_weights), dtype=torch.float32), None
     n, vocab = len(sample_token_ids), bank.config.vocab_size
     if n > MAX_SOUP_SAMPLE_TOKENS:
@@ -79,9 +88,11 @@ def instantiate(store: WeightStore, bank: DecodedBundle, h: torch.Tensor | None,
     """(the decoded pseudo-bundle of the specialist for h, h); blocking. h is estimated from
     ``sample`` (token ids) when not given. Shared with the process's other nodes through ``store``
     by a sha256 of the bank's and h's bytes."""
-    soup = bank.bank
+    soup = bank_of(bank)
     try:
         if h is None:
+            if sample is None:
+                raise InvalidRequest("give exactly one of domain_weights and sample_token_ids")
             if bank.unigram is None:
                 raise InvalidRequest(f"bank {bank.name!r} ships no unigram tables: give domain_weights")
             h = estimate_domain_weights(sample, bank.unigram)

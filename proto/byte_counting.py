@@ -18,7 +18,7 @@ from . import federation_pb2 as pb
 _PKG = "/fractal.federation.v1."
 
 # RPCs not listed (InstantiateSoup, and any added later) count as CONTROL.
-KIND_OF_METHOD: dict[str, int] = {
+KIND_OF_METHOD: dict[str, pb.ByteKind.ValueType] = {
     _PKG + "Node/ScoreTokens": pb.BYTE_KIND_SCORE,
     _PKG + "Node/NextTokenDistribution": pb.BYTE_KIND_GENERATE,
     _PKG + "Node/Generate": pb.BYTE_KIND_GENERATE,
@@ -34,7 +34,7 @@ KIND_OF_METHOD: dict[str, int] = {
 }
 
 
-def kind_of_method(method: str) -> int:
+def kind_of_method(method: str) -> pb.ByteKind.ValueType:
     """The ByteKind of the messages of ``method`` ("/fractal.federation.v1.Node/ScoreTokens")."""
     return KIND_OF_METHOD.get(method, pb.BYTE_KIND_CONTROL)
 

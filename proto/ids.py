@@ -11,6 +11,7 @@ Dependency rule: this module imports nothing else of ours.
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 BUNDLE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -19,11 +20,11 @@ _ID = re.compile(ID_PATTERN)
 _BUNDLE_NAME = re.compile(BUNDLE_NAME_PATTERN)
 
 
-def is_valid_id(value: object) -> bool:
+def is_valid_id(value: object) -> TypeGuard[str]:
     """True when ``value`` is a string that is wholly a user/node/model id."""
     return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
-def is_valid_bundle_name(value: object) -> bool:
+def is_valid_bundle_name(value: object) -> TypeGuard[str]:
     """True when ``value`` is a string that is wholly a bundle name (never a path)."""
     return isinstance(value, str) and _BUNDLE_NAME.fullmatch(value) is not None
