@@ -15,12 +15,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model.codec_throughput import codec_throughput
 from model.codecs import (
     CODECS,
     CodecError,
     EncodedTensor,
     codec_sizes,
-    codec_throughput,
     decode_state_dict,
     decode_tensor,
     encode_state_dict,
