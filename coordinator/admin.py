@@ -122,7 +122,7 @@ class AdminRPCs:
         if previous and previous != node.node_id:
             await self.core.uninstall(previous, user.user_id)
         return pb.AssignUserReply(user=self.core.user_info(self.core.user(user.user_id, with_adapter=False)),
-                                  bytes_shipped=len(user.adapter))
+                                  bytes_shipped=user.adapter_bytes)
 
     @handles_errors
     async def SetNodeState(self, request: pb.SetNodeStateRequest, context) -> pb.NodeInfo:
@@ -131,7 +131,7 @@ class AdminRPCs:
         check_enum(request.state, "state", (pb.NODE_STATE_HEALTHY, pb.NODE_STATE_DRAINING, pb.NODE_STATE_DOWN))
         if not self.core.registry.set_node_state(request.node_id, request.state):
             raise not_found(f"unknown node {request.node_id!r}")
-        return self.core.node_info(self.core.registry.get_node(request.node_id))
+        return self.core.node_info(self.core.registry.existing_node(request.node_id))
 
     @handles_errors
     async def GetRoutingStats(self, request: pb.GetRoutingStatsRequest, context) -> pb.RoutingStats:

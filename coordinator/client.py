@@ -153,7 +153,8 @@ def _simple(method: str, build):
 COMMANDS = {
     "score": cmd_score,
     "generate": cmd_generate,
-    "nodes": _simple("ListNodes", lambda a: pb.ListNodesRequest(state=_STATES[a.state] if a.state else 0)),
+    "nodes": _simple("ListNodes", lambda a: pb.ListNodesRequest(
+        state=_STATES[a.state] if a.state else pb.NODE_STATE_UNSPECIFIED)),
     "users": _simple("ListUsers", lambda a: pb.ListUsersRequest(persona=a.persona or "")),
     "stats": _simple("GetStats", lambda a: pb.GetStatsRequest(user_id=a.user or "")),
     "adapter": cmd_adapter,

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Collection
-from typing import TypeVar
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 
 from model.fractal_moe import is_norm_param
 from proto import federation_pb2 as pb
+from proto.model_labels import BASE_MODEL
 
 from .auth import Authenticator
 from .config import CoordinatorConfig
@@ -25,7 +26,7 @@ from .dispatch import Dispatcher, node_down, node_error
 from .limits import GuardInterceptor, RequestError
 from .nodes import NodeClients
 from .registry import NodeRecord, Registry, UserRecord
-from .routing import BASE_MODEL, NodeUnavailable, NoNodeAvailable, Router, UnknownNode, WrongModel
+from .routing import NodeUnavailable, NoNodeAvailable, Router, UnknownNode, WrongModel
 from .store import BundleIntegrityError, BundleNameError, BundleNotFound, BundleRangeError, BundleStore, StoreError
 from .tokens import Tokenizer
 from .traffic import Traffic
@@ -96,7 +97,7 @@ def handles_stream_errors(fn):
     return wrapper
 
 
-async def first_error(coros: list[Awaitable[T]]) -> list[T]:
+async def first_error(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
     """Run ``coros`` concurrently; on the first failure cancel the rest and raise that failure."""
     try:
         async with asyncio.TaskGroup() as group:

@@ -102,6 +102,7 @@ class Dispatcher:
         node = next(nodes, None)
         while node is not None:
             if decision.moves_adapter and node.node_id != home:
+                assert adapter is not None  # a decision that moves an adapter carries it (Router.for_user)
                 if not await self._move(adapter, node):
                     node = next(nodes, None)
                     continue

@@ -157,5 +157,6 @@ class FederationService(AdminRPCs, rpc.FederationServicer):
             raise invalid("user_id is empty")
         if not user.has_adapter:
             raise not_found(f"user {user.user_id!r} has no adapter")
+        assert user.adapter is not None  # read with_adapter=True, and has_adapter
         return pb.Adapter(user_id=user.user_id, format=user.adapter_format, data=user.adapter,
                           sha256=user.adapter_sha256 or b"")

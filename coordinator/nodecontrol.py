@@ -45,7 +45,7 @@ class NodeControlService(rpc.NodeControlServicer):
     def __init__(self, core: Core) -> None:
         self.core = core
 
-    def _count(self, node_id: str, request, reply, kind: int = pb.BYTE_KIND_CONTROL, payload: int = 0,
+    def _count(self, node_id: str, request, reply, kind: pb.ByteKind.ValueType = pb.BYTE_KIND_CONTROL, payload: int = 0,
                user_id: str = "") -> None:
         self.core.traffic.count(kind, node_id, sent=reply.ByteSize(), received=request.ByteSize(), payload=payload,
                                 user_id=user_id)
@@ -101,7 +101,7 @@ class NodeControlService(rpc.NodeControlServicer):
                 self.core.resume_soup(node)
             planner = self.core.prefetch_planner
             if planner is not None:
-                reply.prefetch.extend(planner(self.core.registry.get_node(node_id)))
+                reply.prefetch.extend(planner(self.core.registry.existing_node(node_id)))
         self._count(node_id, request, reply)
         return reply
 
@@ -135,6 +135,7 @@ class NodeControlService(rpc.NodeControlServicer):
         user = self.core.user(check_id(request.user_id, "user_id"))
         if not user.has_adapter:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"user {user.user_id!r} has no adapter")
+        assert user.adapter is not None  # read with its blob (core.user), and has_adapter
         reply = pb.Adapter(user_id=user.user_id, format=user.adapter_format, data=user.adapter,
                            sha256=user.adapter_sha256 or b"")
         self._count(node_id, request, reply, kind=pb.BYTE_KIND_ADAPTER, payload=payload_bytes(reply),

@@ -54,8 +54,8 @@ class NodeClients:
         for address in list(self._channels):
             await self.forget(address)
 
-    async def score_tokens(self, node: NodeRecord, request: pb.ScoreTokensRequest, *, kind: int, user_id: str,
-                           timeout: float) -> pb.ScoreTokensReply:
+    async def score_tokens(self, node: NodeRecord, request: pb.ScoreTokensRequest, *, kind: pb.ByteKind.ValueType,
+                           user_id: str, timeout: float) -> pb.ScoreTokensReply:
         """``Node.ScoreTokens``: the log-prob of each observed token (counted as ``kind``: score or mixture)."""
         stub = self.stub(node.address)
         return await self._counted(node, stub.ScoreTokens, request, kind=kind, user_id=user_id, timeout=timeout)
@@ -86,8 +86,8 @@ class NodeClients:
         stub = self.stub(node.address)
         return await self._counted(node, stub.InstantiateSoup, request, kind=pb.BYTE_KIND_CONTROL, timeout=timeout)
 
-    async def _counted(self, node: NodeRecord, method: grpc.aio.UnaryUnaryMultiCallable, request, *, kind: int,
-                       user_id: str = "", timeout: float):
+    async def _counted(self, node: NodeRecord, method: grpc.aio.UnaryUnaryMultiCallable, request, *,
+                       kind: pb.ByteKind.ValueType, user_id: str = "", timeout: float):
         # both messages are counted; a failed call still counts what was sent
         sent = request.ByteSize()
         try:

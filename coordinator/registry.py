@@ -84,7 +84,7 @@ class NodeRecord:
 
     node_id: str
     address: str
-    state: int
+    state: pb.NodeState.ValueType
     model: str
     codec: str
     last_heartbeat_ms: int
@@ -175,7 +175,7 @@ class Registry:
 
     # --- nodes -----------------------------------------------------------------------------
 
-    def upsert_node(self, *, node_id: str, address: str, model: str, codec: str, state: int,
+    def upsert_node(self, *, node_id: str, address: str, model: str, codec: str, state: pb.NodeState.ValueType,
                     bundles: Iterable[str] = (), held_users: Iterable[str] = (), n_blocks: int = 0,
                     n_experts: int = 0, at_ms: int | None = None) -> NodeRecord:
         """Insert a node, or replace a re-registering node's address and holdings (keeping its users)."""
@@ -189,10 +189,10 @@ class Registry:
             "n_blocks=excluded.n_blocks, n_experts=excluded.n_experts, expert_mask=x'', inflight=0",
             (node_id, address, state, model, codec, at, at, json.dumps(sorted(bundles)),
              json.dumps(sorted(held_users)), n_blocks, n_experts))
-        return self.get_node(node_id)
+        return self.existing_node(node_id)
 
-    def heartbeat(self, *, node_id: str, state: int, bundles: Iterable[str], held_users: Iterable[str],
-                  expert_mask: bytes, inflight: int, at_ms: int | None = None) -> bool:
+    def heartbeat(self, *, node_id: str, state: pb.NodeState.ValueType, bundles: Iterable[str],
+                  held_users: Iterable[str], expert_mask: bytes, inflight: int, at_ms: int | None = None) -> bool:
         """Record a heartbeat; False when the node is unknown (it must register again)."""
         at = now_ms() if at_ms is None else at_ms
         return self._write(
@@ -201,16 +201,23 @@ class Registry:
             (state, json.dumps(sorted(bundles)), json.dumps(sorted(held_users)), expert_mask, inflight, at,
              node_id)) == 1
 
-    def set_node_state(self, node_id: str, state: int) -> bool:
+    def set_node_state(self, node_id: str, state: pb.NodeState.ValueType) -> bool:
         """Set a node's state; False when the node is unknown."""
         return self._write("UPDATE nodes SET state=? WHERE node_id=?", (state, node_id)) == 1
+
+    def existing_node(self, node_id: str) -> NodeRecord:
+        """A node known to be registered (just written, or checked); a KeyError otherwise."""
+        node = self.get_node(node_id)
+        if node is None:
+            raise KeyError(f"node {node_id!r} is not in the registry")
+        return node
 
     def get_node(self, node_id: str) -> NodeRecord | None:
         """The node, or None."""
         row = self._db.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE node_id=?", (node_id,)).fetchone()
         return None if row is None else _node(row)
 
-    def nodes(self, state: int | None = None) -> list[NodeRecord]:
+    def nodes(self, state: pb.NodeState.ValueType | None = None) -> list[NodeRecord]:
         """All nodes (or those in ``state``), by id."""
         if state is None:
             rows = self._db.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY node_id").fetchall()
@@ -245,7 +252,14 @@ class Registry:
                                  (adapter, adapter_format, adapter_sha256, user_id))
             if token_hash is not None:
                 self._db.execute("UPDATE users SET token_hash=? WHERE user_id=?", (token_hash, user_id))
-        return self.get_user(user_id)
+        return self.existing_user(user_id)
+
+    def existing_user(self, user_id: str, *, with_adapter: bool = True) -> UserRecord:
+        """A user known to exist (just written, or checked); a KeyError otherwise."""
+        user = self.get_user(user_id, with_adapter=with_adapter)
+        if user is None:
+            raise KeyError(f"user {user_id!r} is not in the registry")
+        return user
 
     def get_user(self, user_id: str, *, with_adapter: bool = True) -> UserRecord | None:
         """The user, or None; ``with_adapter=False`` leaves the adapter blob unread (``adapter`` None)."""
@@ -329,7 +343,7 @@ class Registry:
             self._db.execute("DELETE FROM traffic")
             self._db.executemany("INSERT INTO traffic VALUES (?,?,?,?,?,?,?)", list(rows))
 
-    def load_traffic(self) -> list[tuple[str, int, str, int, int, int, int]]:
+    def load_traffic(self) -> list[tuple[str, pb.ByteKind.ValueType, str, int, int, int, int]]:
         """The stored byte counters."""
         return self._db.execute("SELECT * FROM traffic").fetchall()
 

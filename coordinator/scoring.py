@@ -62,7 +62,7 @@ async def score(core: Core, request: pb.ScoreRequest, context, *, user: UserReco
     return reply
 
 
-async def _score_tokens(core: Core, decision: Decision, ids: list[int], kind: int, user_id: str,
+async def _score_tokens(core: Core, decision: Decision, ids: list[int], kind: pb.ByteKind.ValueType, user_id: str,
                         context) -> tuple[np.ndarray, Route]:
     """``Node.ScoreTokens`` as ``decision`` routes it: the checked log-probs (T,) and the route taken."""
     async def call(route: Route) -> pb.ScoreTokensReply:

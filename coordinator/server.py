@@ -142,6 +142,7 @@ async def serve(config: CoordinatorConfig, *,
 
         target = f"{config.host}:{config.port}"
         if config.tls_cert is not None:
+            assert config.tls_key is not None  # CoordinatorConfig.__post_init__ requires the pair
             port = server.add_secure_port(target, server_credentials(config.tls_cert, config.tls_key))
         else:
             port = server.add_insecure_port(target)

@@ -22,11 +22,11 @@ class Traffic:
     """In-memory byte counters keyed by (node id, kind, user id); user id "" for non-user traffic."""
 
     def __init__(self) -> None:
-        self._c: dict[tuple[str, int, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        self._c: dict[tuple[str, pb.ByteKind.ValueType, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         self.requests_failed_over = 0
         self.requests_failed_over_by_user: dict[str, int] = defaultdict(int)
 
-    def count(self, kind: int, node_id: str, *, sent: int = 0, received: int = 0, payload: int = 0,
+    def count(self, kind: pb.ByteKind.ValueType, node_id: str, *, sent: int = 0, received: int = 0, payload: int = 0,
               user_id: str = "", messages: int = 1) -> None:
         """Add one message (or ``messages``) of ``kind`` exchanged with ``node_id``."""
         row = self._c[(node_id, kind, user_id)]
@@ -46,18 +46,18 @@ class Traffic:
         self.requests_failed_over = 0
         self.requests_failed_over_by_user.clear()
 
-    def rows(self) -> list[tuple[str, int, str, int, int, int, int]]:
+    def rows(self) -> list[tuple[str, pb.ByteKind.ValueType, str, int, int, int, int]]:
         """(node, kind, user, sent, received, messages, payload) rows, for persistence."""
-        return [(n, k, u, *v) for (n, k, u), v in sorted(self._c.items())]
+        return [(n, k, u, v[0], v[1], v[2], v[3]) for (n, k, u), v in sorted(self._c.items())]
 
-    def load(self, rows: Iterable[tuple[str, int, str, int, int, int, int]]) -> None:
+    def load(self, rows: Iterable[tuple[str, pb.ByteKind.ValueType, str, int, int, int, int]]) -> None:
         """Restore counters saved by :meth:`rows` (added to the current ones)."""
         for n, k, u, sent, received, messages, payload in rows:
             self.count(k, n, sent=sent, received=received, payload=payload, user_id=u, messages=messages)
 
-    def totals(self, user_id: str | None = None) -> dict[str, dict[int, list[int]]]:
+    def totals(self, user_id: str | None = None) -> dict[str, dict[pb.ByteKind.ValueType, list[int]]]:
         """{node: {kind: [sent, received, messages, payload]}}, restricted to one user when given."""
-        out: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, 0]))
+        out: dict[str, dict[pb.ByteKind.ValueType, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, 0]))
         for (n, k, u), v in self._c.items():
             if user_id is not None and u != user_id:
                 continue

@@ -130,6 +130,12 @@ class MoE(nn.Module):
             raise RuntimeError("no forward pass yet: the MoE has no routes to report")
         return self.last_route
 
+    def recorded_input(self) -> torch.Tensor:
+        """The input of the last forward pass ((B, T, C)); an error unless ``record_input`` was on for it."""
+        if self.last_input is None:
+            raise RuntimeError("no input recorded: set record_input before the forward pass")
+        return self.last_input
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: attention, then the mixture of experts."""

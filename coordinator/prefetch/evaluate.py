@@ -230,8 +230,8 @@ def evaluate_prefetch(predictor: Predictor, requests: Sequence[Request], *, size
         tot.uses += outcome.uses
         tot.hits += outcome.hits
         tot.tokens += routes.shape[1]
-        tot.prefetched += spent["bytes_shipped"]
-        tot.wasted += spent["bytes_wasted"]
+        tot.prefetched += int(spent["bytes_shipped"])  # whole bytes; the dict also holds per-token means
+        tot.wasted += int(spent["bytes_wasted"])
         tot.fetched += outcome.fetched_bytes
         tot.remote += outcome.remote_bytes
         tot.stall += outcome.stall_s

@@ -191,6 +191,7 @@ def simulate_request(routes: np.ndarray, mask: np.ndarray, arrival_s: np.ndarray
                 continue
             missing = experts[late]
             if policy == "remote":
+                assert remote is not None  # checked on entry: the remote policy needs a remote time
                 nbytes = int(counts[late].sum()) * activation_bytes
                 end = float(remote(nbytes, st.now))
                 calls.append((b, nbytes, st.now, end))

@@ -383,7 +383,7 @@ def build_predictor(name: str, *, n_layers: int, n_experts: int, vocab_size: int
         cls = PREDICTORS[name]
     except KeyError:
         raise PredictorError(f"unknown predictor {name!r}; choose one of {', '.join(PREDICTORS)}") from None
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    accepted = set(inspect.signature(cls).parameters)  # the constructor's, without self
     bad = sorted(set(options) - accepted)
     if bad:
         raise PredictorError(f"predictor {name!r} takes no option {bad[0]!r}")

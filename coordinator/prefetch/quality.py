@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -29,6 +30,10 @@ def _serving(model: FractalMoE, mask: torch.Tensor | None, *, record_input: bool
         yield
 
 
+@overload
+def _mask_tensor(model: FractalMoE, mask: None) -> None: ...
+@overload
+def _mask_tensor(model: FractalMoE, mask: np.ndarray | torch.Tensor) -> torch.Tensor: ...
 def _mask_tensor(model: FractalMoE, mask: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
     if mask is None:
         return None
@@ -54,7 +59,7 @@ def route_trace(model: FractalMoE, token_ids: np.ndarray | torch.Tensor, *, mask
     with _serving(model, _mask_tensor(model, mask), record_input=hidden):
         model(ids[None])  # (1, T)
         routes = model.routes()[:, 0].numpy()  # (L, T)
-        states = torch.stack([m.last_input[0] for m in model.moes]).numpy() if hidden else None  # (L, T, C)
+        states = torch.stack([m.recorded_input()[0] for m in model.moes]).numpy() if hidden else None  # (L, T, C)
     return routes, states
 
 
