@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import ray
@@ -113,13 +114,12 @@ def plan_nodes(scn: Scenario, suite: Suite, links: list[str]) -> list[NodePlan]:
 
 async def serve_again(config: CoordinatorConfig) -> CoordinatorHandle:
     """Serve ``config`` (its port) again; a port still closing is retried for a few seconds."""
-    for attempt in range(50):
+    for _ in range(49):
         try:
             return await serve(config)
         except RuntimeError:  # gRPC could not bind the port yet
-            if attempt == 49:
-                raise
             await asyncio.sleep(0.2)
+    return await serve(config)  # the 50th try lets its error through
 
 
 class LocalFederation:
@@ -140,7 +140,7 @@ class LocalFederation:
         self.soup_instances: dict[str, dict] = {}  # soup node -> what it instantiated
         self.handle: CoordinatorHandle | None = None
         self.channel: grpc.aio.Channel | None = None
-        self.stub: rpc.FederationStub | None = None
+        self._stub: rpc.FederationStub | None = None
         self.actors: list = []
         self.actor_nodes: list[list[str]] = []
         self.node_results: dict[str, dict] = {}
@@ -149,6 +149,20 @@ class LocalFederation:
         self.actor_startup: list[dict] = []  # per actor, as its nodes finished starting (see start_nodes)
         self.extra_actors: list = []  # actors of nodes outside the plan (see extra_nodes)
         self._ray_started_here = False
+
+    @property
+    def stub(self) -> rpc.FederationStub:
+        """The federation's client stub on its coordinator channel; an error before the coordinator started."""
+        if self._stub is None:
+            raise RuntimeError("the federation has no coordinator channel yet: start it first")
+        return self._stub
+
+    @property
+    def coordinator(self) -> CoordinatorHandle:
+        """The running coordinator; an error before start() and after stop()."""
+        if self.handle is None:
+            raise RuntimeError("the federation's coordinator is not running")
+        return self.handle
 
     # ---- start-up ---------------------------------------------------------------------------
     async def __aenter__(self) -> LocalFederation:
@@ -214,8 +228,8 @@ class LocalFederation:
 
     def _open_channel(self) -> None:
         """The federation's own client channel to the coordinator as it is now."""
-        self.channel = grpc.aio.insecure_channel(self.handle.address, options=CHANNEL_OPTIONS)
-        self.stub = rpc.FederationStub(self.channel)
+        self.channel = grpc.aio.insecure_channel(self.coordinator.address, options=CHANNEL_OPTIONS)
+        self._stub = rpc.FederationStub(self.channel)
 
     async def _close_channel(self) -> None:
         if self.channel is not None:
@@ -224,7 +238,6 @@ class LocalFederation:
 
     async def put_users(self) -> None:
         """Register every user with the coordinator: known users with their adapters, unknown without."""
-        assert self.stub is not None
         personas = {name: src.persona for name, src in self.suite.sources.items()}
         for user in self.suite.known_users:
             blob = encode_adapter(self.suite.adapter_state(user))
@@ -286,7 +299,6 @@ class LocalFederation:
 
     async def wait_healthy(self, n: int, timeout: float = 120.0) -> None:
         """Wait until the coordinator sees ``n`` healthy nodes."""
-        assert self.stub is not None
         t0 = time.monotonic()
         while True:
             reply = await self.stub.ListNodes(pb.ListNodesRequest(state=pb.NODE_STATE_HEALTHY),
@@ -299,7 +311,6 @@ class LocalFederation:
 
     async def assign_users(self) -> None:
         """Place each known user's adapter on the node the plan gives it (the coordinator ships it)."""
-        assert self.stub is not None
         sem = asyncio.Semaphore(16)
 
         async def one(user: str, node_id: str) -> None:
@@ -311,7 +322,6 @@ class LocalFederation:
     async def specialise_soup_nodes(self) -> None:
         """Each soup node estimates its users' domain weights from a sample of their own text and
         instantiates their specialist from the bank (Federation.InstantiateSoup, as an admin would)."""
-        assert self.stub is not None
         for p in (p for p in self.plans if p.model == soup.SOUP_MODEL):
             req = pb.SoupRequest(node_id=p.node_id,
                                  sample_text=soup.sample_text(self.suite, p.group, self.scn.soup.sample_chars))
@@ -361,10 +371,10 @@ class LocalFederation:
 
         Nodes and clients are not told: their channels reconnect to the same port on their own.
         """
-        assert self.handle is not None
-        config = dataclasses.replace(self.handle.core.config, port=self.handle.port)
+        handle = self.coordinator
+        config = dataclasses.replace(handle.core.config, port=handle.port)
         await self._close_channel()
-        await self.handle.stop()
+        await handle.stop()
         self.handle = await serve_again(config)
         self._open_channel()
 
@@ -382,11 +392,14 @@ class LocalFederation:
         coordinator itself (""). Yields the nodes' start results (``NodeHost.start``, by node id);
         the actor is stopped on exit. Specs as ``node.actor`` reads them (see :meth:`BundleInfo.spec`).
         """
-        assert self.handle is not None
-        actor = NodeActor.options(num_cpus=0, max_concurrency=1000).remote(torch_threads=1, fetch_policy=fetch_policy)
+        own = self.coordinator.address  # checked first: extra nodes need a running coordinator, proxied or not
+        address = via or own
+        # Any: Ray's stubs type an actor's methods as plain methods, without their .remote()
+        actor: Any = NodeActor.options(num_cpus=0, max_concurrency=1000).remote(torch_threads=1,
+                                                                                fetch_policy=fetch_policy)
         self.extra_actors.append(actor)
         try:
-            ref = actor.start.remote(via or self.handle.address, specs, self.node_token)
+            ref = actor.start.remote(address, specs, self.node_token)
             results = await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
             yield {r["node_id"]: r for r in results}
         finally:
@@ -394,12 +407,12 @@ class LocalFederation:
             await stop_actor(actor)
 
     # ---- helpers for the workload -----------------------------------------------------------
-    def token(self, user: str) -> tuple[tuple[str, str]]:
+    def token(self, user: str) -> tuple[tuple[str, str], ...]:
         """Metadata for ``user``'s own bearer token (the admin's for "")."""
         return bearer_metadata(self.user_tokens[user] if user else self.admin_token)
 
     @property
-    def admin(self) -> tuple[tuple[str, str]]:
+    def admin(self) -> tuple[tuple[str, str], ...]:
         """Metadata carrying the admin token."""
         return bearer_metadata(self.admin_token)
 

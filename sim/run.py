@@ -121,7 +121,7 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
         t = time.perf_counter()
         workload = await Driver(fed).run()
         phases["workload"] = time.perf_counter() - t
-        stats = stats_to_dict(fed.handle.core.stats(None))  # bytes and request counters
+        stats = stats_to_dict(fed.coordinator.core.stats(None))  # bytes and request counters
         report = assemble(scn, fed, stats, workload, links)
         add_section(report, regime.section(suite))
         if fed.soup_instances:

@@ -4,6 +4,7 @@ NodeControl service that cuts and corrupts bundle streams as each node's :class:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -61,7 +62,7 @@ class FaultyLink:
 
     async def start(self) -> str:
         """Listen on a free loopback port; returns host:port."""
-        self.channel = grpc.aio.insecure_channel(self.upstream, options=CHANNEL_OPTIONS)
+        self.channel = channel = grpc.aio.insecure_channel(self.upstream, options=CHANNEL_OPTIONS)
         self.server = grpc.aio.server(options=message_size_options(SIM_MAX_MESSAGE_BYTES))
         handlers = {}
         for m in NODE_CONTROL.methods:
@@ -71,7 +72,7 @@ class FaultyLink:
                     response_serializer=pb.BundleChunk.SerializeToString)
             else:
                 path = f"/{NODE_CONTROL.full_name}/{m.name}"
-                handlers[m.name] = grpc.unary_unary_rpc_method_handler(self._forwarder(path))
+                handlers[m.name] = grpc.unary_unary_rpc_method_handler(self._forwarder(channel, path))
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(NODE_CONTROL.full_name, handlers),))
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
@@ -86,22 +87,23 @@ class FaultyLink:
             await self.channel.close()
 
     @staticmethod
-    def _auth(context) -> list[tuple[str, str]]:
+    def _auth(context) -> list[tuple[str, str | bytes]]:
         return auth_entries(context.invocation_metadata())
 
-    def _forwarder(self, path: str):
-        call = self.channel.unary_unary(path)  # no (de)serializers: bytes pass through untouched
+    def _forwarder(self, channel: grpc.aio.Channel, path: str):
+        call = channel.unary_unary(path)  # no (de)serializers: bytes pass through untouched
 
         async def forward(request: bytes, context) -> bytes:
             try:
                 return await call(request, metadata=self._auth(context), timeout=context.time_remaining())
             except grpc.aio.AioRpcError as err:
                 await context.abort(err.code(), err.details() or "")
+                raise  # not reached: abort raises
         return forward
 
     async def _fetch(self, request: pb.FetchBundleRequest, context):
         plan = self.faults.get(request.node_id)
-        stream = {"offset": request.offset, "bytes": 0, "cut_at": None, "corrupted": []}
+        stream: dict[str, Any] = {"offset": request.offset, "bytes": 0, "cut_at": None, "corrupted": []}
         index = len(plan.streams) if plan else 0
         if plan is not None:
             plan.streams.append(stream)

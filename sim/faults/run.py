@@ -79,7 +79,7 @@ class FaultRun:
     # ---- kill ---------------------------------------------------------------------------------
     def choose_victims(self, k: int) -> tuple[list[int], str]:
         """k actors hosting nodes that hold users, leaving a base node alive; and a note if fewer."""
-        registry = self.fed.handle.registry
+        registry = self.fed.coordinator.registry
         holders = {u.node_id for u in registry.users() if u.node_id}
         base = {p.node_id for p in self.fed.plans if p.model == "base"}
         candidates = [i for i, ids in enumerate(self.fed.actor_nodes) if holders & set(ids)]
@@ -94,7 +94,7 @@ class FaultRun:
         """Kill k node actors while the users' requests flow; check their users fail over."""
         s, traffic = self.settings, self.traffic
         victims, note = self.choose_victims(k)
-        registry = self.fed.handle.registry
+        registry = self.fed.coordinator.registry
         nodes = sorted(n for i in victims for n in self.fed.actor_nodes[i])
         moved = sorted(u.user_id for u in registry.users() if u.node_id in nodes)
         await traffic.answered_since(self.now(), 1, s.wait_s)
@@ -111,14 +111,14 @@ class FaultRun:
         settled = await traffic.answered_since(t_kill, s.requests_after_fault, s.wait_s)
 
         async def all_down() -> bool:
-            return all(registry.get_node(n).state == pb.NODE_STATE_DOWN for n in nodes)
+            return all(registry.existing_node(n).state == pb.NODE_STATE_DOWN for n in nodes)
         down = await until(all_down, s.wait_s)
         t_down = self.now()
         recovery = {}
         for u in moved:
             after = [r for r in traffic.records if r["user"] == u and r["ok"] and r["t0"] >= t_kill]
             recovery[u] = round(min(r["t1"] for r in after) - t_kill, 3) if after else None
-        new_home = {u: registry.get_user(u).node_id for u in moved}
+        new_home = {u: registry.existing_user(u).node_id for u in moved}
         return {
             "actors_killed": len(victims), "nodes_killed": nodes, "note": note,
             "killed_with_their_users_requests_in_flight": busy,
@@ -136,18 +136,21 @@ class FaultRun:
         s, traffic, fed = self.settings, self.traffic, self.fed
         await traffic.answered_since(self.now(), 1, s.wait_s)
         before = await self.snapshot()
-        port = fed.handle.port
+        port = fed.coordinator.port
         traffic.phase = "restart"
         t_stop = self.now()
         await fed.restart_coordinator()
         t_up, up_ms = self.now(), int(time.time() * 1000)
         self.injected.append({"fault": "restart_coordinator", "at_s": t_stop, "port": port})
         alive = [nid for nid in before["nodes"] if nid not in self.killed_nodes]
-        registry = fed.handle.registry
+        registry = fed.coordinator.registry
+
+        def is_beating(node_id: str) -> bool:
+            node = registry.get_node(node_id)
+            return node is not None and node.last_heartbeat_ms >= up_ms and node.healthy
 
         async def all_beating() -> bool:
-            return all((registry.get_node(n) is not None and registry.get_node(n).last_heartbeat_ms >= up_ms
-                        and registry.get_node(n).healthy) for n in alive)
+            return all(is_beating(n) for n in alive)
         beating = await until(all_beating, s.wait_s)
         t_beat = self.now()
         settled = await traffic.answered_since(t_up, s.requests_after_fault, s.wait_s)
@@ -169,13 +172,13 @@ class FaultRun:
     async def check_adapters(self, shas: dict[str, str]) -> dict:
         """After the faults: every known user's adapter is in the store unchanged, held by a live
         node, and applied to their answers (the last one matches the pre-fault answer)."""
-        registry = self.fed.handle.registry
-        interval = self.fed.handle.core.config.heartbeat_interval_ms / 1000
+        registry = self.fed.coordinator.registry
+        interval = self.fed.coordinator.core.config.heartbeat_interval_ms / 1000
         final = {(r["user"], r["kind"]): r for r in await self.traffic.one_round()}
 
         async def held() -> bool:
             for u in self.fed.suite.known_users:
-                node = registry.get_node(registry.get_user(u).node_id or "")
+                node = registry.get_node(registry.existing_user(u).node_id or "")
                 if node is None or u not in node.held_users:
                     return False
             return True
@@ -200,7 +203,7 @@ class FaultRun:
         plan = next(p for p in fed.plans if p.model == "base")
         b = fed.bundles[plan.bundle]
         data = b.path.read_bytes()
-        chunk = min(max(MIN_CHUNK, b.size // s.chunks_per_bundle), fed.handle.core.config.chunk_size)
+        chunk = min(max(MIN_CHUNK, b.size // s.chunks_per_bundle), fed.coordinator.core.config.chunk_size)
         m = read_manifest(data)
         tensors = sorted((m.payload_start + e.offset, e.length, e.name) for e in m.entries if e.length >= 2)
         links: dict[str, LinkFaults] = {}
@@ -230,7 +233,7 @@ class FaultRun:
         """New nodes join through faulty links: a cut stream resumes, corrupt chunks are refetched."""
         s, fed = self.settings, self.fed
         links, spec, chunk = self.link_plans()
-        proxy = FaultyLink(fed.handle.address, links)
+        proxy = FaultyLink(fed.coordinator.address, links)
         await proxy.start()
         policy = FetchPolicy(chunk_size=chunk, backoff_s=0.02, max_refetch=max(s.max_refetch, len(
             links.get("fault-corrupt", LinkFaults()).corrupt)))
@@ -287,7 +290,7 @@ class FaultRun:
                     "expected_refetch_from": starts, "bytes_refetched": (entry["bytes_fetched"] or 0) - size,
                     "passed": ok}
         # corrupt on every stream: the node must give up with DATA_LOSS and install nothing
-        node = self.fed.handle.registry.get_node(nid)
+        node = self.fed.coordinator.registry.get_node(nid)
         ok = (not entry["ok"] and "DATA_LOSS" in (entry["error"] or "") and len(offsets) == self.max_refetch + 1
               and (node is None or not node.bundles))
         return {"streams_tried": len(offsets), "installed": list(node.bundles) if node else [], "passed": ok}

@@ -57,7 +57,7 @@ class UserTraffic:
         self.settings = settings
         self.clock = clock
         self.sem = asyncio.Semaphore(concurrency)
-        self.channel = grpc.aio.insecure_channel(fed.handle.address, options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(fed.coordinator.address, options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
         self.stub = rpc.FederationStub(self.channel)
         self.baseline: dict[Probe, Answer] = {}
         self.records: list[dict] = []
@@ -68,7 +68,7 @@ class UserTraffic:
         """Close the channel."""
         await self.channel.close()
 
-    def _metadata(self, user: str) -> tuple[tuple[str, str]]:
+    def _metadata(self, user: str) -> tuple[tuple[str, str], ...]:
         return self.fed.token(user)
 
     async def ask(self, probe: Probe) -> Answer:
