@@ -165,7 +165,7 @@ class LoadRig:
             raise LoadTestError(f"node {bad[0]['node_id']} did not come up: {bad[0]['error']}")
         g = torch.Generator().manual_seed(cfg.seed)
         norms = {n: p.detach() for n, p in model.named_parameters() if is_norm_param(n)}
-        async with grpc.aio.insecure_channel(self.handle.address) as ch:
+        async with grpc.aio.insecure_channel(self.coordinator.address) as ch:
             stub = rpc.FederationStub(ch)
             for u in range(cfg.users):
                 blob = encode_adapter({n: p + 0.1 * torch.randn(p.shape, generator=g) for n, p in norms.items()})
@@ -201,15 +201,22 @@ class LoadRig:
         return stub.Score(pb.ScoreRequest(user_id=user, text=text, omit_token_strings=True), metadata=meta,
                           timeout=timeout)
 
+    @property
+    def coordinator(self) -> CoordinatorHandle:
+        """The running coordinator; an error outside ``async with``."""
+        if self.handle is None:
+            raise RuntimeError("the load rig's coordinator is not running")
+        return self.handle
+
     async def stats(self) -> pb.Stats:
         """The coordinator's own counters."""
-        async with grpc.aio.insecure_channel(self.handle.address) as ch:
+        async with grpc.aio.insecure_channel(self.coordinator.address) as ch:
             return await rpc.FederationStub(ch).GetStats(pb.GetStatsRequest(),
                                                          metadata=bearer_metadata(self.admin_token))
 
     async def alive(self) -> bool:
         """A health check and a valid request both succeed."""
-        async with grpc.aio.insecure_channel(self.handle.address) as ch:
+        async with grpc.aio.insecure_channel(self.coordinator.address) as ch:
             health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
             user = sorted(self.tokens)[0]
             reply = await rpc.FederationStub(ch).Score(pb.ScoreRequest(user_id=user, text=self.texts[0]),
@@ -228,7 +235,7 @@ class LoadRig:
         t0 = time.perf_counter()
 
         async def client() -> None:
-            async with grpc.aio.insecure_channel(self.handle.address) as ch:
+            async with grpc.aio.insecure_channel(self.coordinator.address) as ch:
                 stub = rpc.FederationStub(ch)
                 for i in tickets:  # a shared iterator: each request is sent exactly once
                     if time.perf_counter() - t0 > self.cfg.max_seconds:

@@ -355,6 +355,7 @@ class TransferSimulator:
 
     def _finish(self, flow: _Flow, t: float) -> None:
         del self._flows[flow.id]
+        assert flow.active_s is not None  # only active flows move bytes, so only they finish
         rec = TransferRecord(id=flow.id, kind=flow.kind, src=flow.src, dst=flow.dst, bytes=flow.nbytes,
                              start=flow.submit_s, first_byte=flow.active_s, end=t, meta=flow.meta)
         self._done[flow.id] = rec

@@ -22,9 +22,20 @@ class ScenarioError(ValueError):
     """A scenario file or override is invalid; the message names the key at fault."""
 
 
+def _fail(key: str, message: str) -> typing.NoReturn:
+    raise ScenarioError(f"{key}: {message}")
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ScenarioError(f"{key}: {message}")
+        _fail(key, message)
+
+
+@typing.runtime_checkable
+class _Validated(typing.Protocol):
+    """A scenario section: checks its own values."""
+
+    def validate(self) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,7 +240,7 @@ class Scenario:
         """Validate every section; returns self."""
         for f in dataclasses.fields(self):
             sec = getattr(self, f.name)
-            if dataclasses.is_dataclass(sec):
+            if isinstance(sec, _Validated):  # every section; not the name and description
                 sec.validate()
         _check(self.faults.kill_nodes < self.federation.nodes, "faults.kill_nodes",
                "must leave at least one node alive")
@@ -261,8 +272,8 @@ def _coerce(key: str, value: object, tp: object) -> object:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if tp is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-               f"expected a number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            _fail(key, f"expected a number, got {value!r}")
         return float(value)
     if tp in (int, str, bool):
         ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
@@ -270,10 +281,12 @@ def _coerce(key: str, value: object, tp: object) -> object:
         return value
     if origin is list:
         (inner,) = typing.get_args(tp)
-        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        if not isinstance(value, list):
+            _fail(key, f"expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if origin is dict:
-        _check(isinstance(value, dict), key, f"expected a table, got {value!r}")
+        if not isinstance(value, dict):
+            _fail(key, f"expected a table, got {value!r}")
         _, inner = typing.get_args(tp)
         return {k: _coerce(f"{key}.{k}", v, inner) for k, v in value.items()}
     if isinstance(tp, types.GenericAlias) or tp is dict:
@@ -282,7 +295,8 @@ def _coerce(key: str, value: object, tp: object) -> object:
 
 
 def _section(name: str, cls: type, data: object):
-    _check(isinstance(data, dict), name, "must be a table")
+    if not isinstance(data, dict):
+        _fail(name, "must be a table")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for k in data:
@@ -293,7 +307,7 @@ def _section(name: str, cls: type, data: object):
 def from_dict(data: dict) -> Scenario:
     """A validated Scenario from parsed TOML."""
     hints = typing.get_type_hints(Scenario)
-    kwargs = {}
+    kwargs: dict[str, typing.Any] = {}  # each value checked against its field's type by _coerce or _section
     for k, v in data.items():
         _check(k in hints, k, f"unknown section or key; known: {', '.join(sorted(hints))}")
         if k in ("name", "description"):

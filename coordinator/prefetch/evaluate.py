@@ -75,9 +75,14 @@ class NodeLinks:
 
 
 class _Link(Protocol):
-    down_bps: float
-    up_bps: float
-    rtt_s: float
+    """What the idle links read of a link profile (read-only: a frozen profile qualifies)."""
+
+    @property
+    def down_bps(self) -> float: ...
+    @property
+    def up_bps(self) -> float: ...
+    @property
+    def rtt_s(self) -> float: ...
 
 
 def idle_links(node: _Link, peer: _Link) -> NodeLinks:

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import overload
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -46,6 +46,15 @@ def _mask_tensor(model: FractalMoE, mask: np.ndarray | torch.Tensor | None) -> t
     return t
 
 
+@overload
+def route_trace(model: FractalMoE, token_ids: np.ndarray | torch.Tensor, *, mask: np.ndarray | None = None,
+                hidden: Literal[True]) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def route_trace(model: FractalMoE, token_ids: np.ndarray | torch.Tensor, *, mask: np.ndarray | None = None,
+                hidden: Literal[False] = False) -> tuple[np.ndarray, None]: ...
+@overload
+def route_trace(model: FractalMoE, token_ids: np.ndarray | torch.Tensor, *, mask: np.ndarray | None = None,
+                hidden: bool) -> tuple[np.ndarray, np.ndarray | None]: ...
 def route_trace(model: FractalMoE, token_ids: np.ndarray | torch.Tensor, *, mask: np.ndarray | None = None,
                 hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Run one sequence and return its routes (L, T) and, if asked, each block's MoE input (L, T, C).

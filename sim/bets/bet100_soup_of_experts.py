@@ -201,8 +201,8 @@ def measure_soe(ctx: BetContext, plan: Plan | None = None) -> dict[str, Any]:
     # the paper's first checks: support size, dense vs low-rank, tokens needed for h
     support: dict[str, dict[str, float]] = {}
     for s in plan.supports:
-        scores = main_scores if s == plan.support else run.bank_scores(run.soup(support=s))
-        support[str(s)] = {m: ratio_to_base(scores, personas, m, table) for m in (SOE, SOE_ORACLE, SOE_GENERIC)}
+        s_scores = main_scores if s == plan.support else run.bank_scores(run.soup(support=s))
+        support[str(s)] = {m: ratio_to_base(s_scores, personas, m, table) for m in (SOE, SOE_ORACLE, SOE_GENERIC)}
     low = run.soup(support=plan.support, rank=plan.rank)
     low_scores = run.bank_scores(low)
     bank_kind = {main.cfg.kind: {m: ratios[m] for m in (SOE, SOE_ORACLE, SOE_GENERIC)},
@@ -289,8 +289,8 @@ def predictions(m: Mapping[str, Any]) -> dict[str, bool]:
     gen = {int(s): number(m, "support", s, SOE_GENERIC) for s in sup}
     out = {
         "dense_beats_low_rank": bool(low) and dense < min(low),
-        "sparsest_support_best_specialist": min(by_s, key=by_s.get) == min(by_s),
-        "widest_support_best_generic": min(gen, key=gen.get) == max(gen),
+        "sparsest_support_best_specialist": min(by_s, key=by_s.__getitem__) == min(by_s),
+        "widest_support_best_generic": min(gen, key=gen.__getitem__) == max(gen),
     }
     if "256" in need(m, "samples"):
         out["few_tokens_suffice"] = (number(m, "samples", "256", "min_weight_on_true") >= 0.8

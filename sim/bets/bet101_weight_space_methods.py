@@ -74,7 +74,7 @@ def measure(ctx: BetContext) -> dict[str, Any]:
         table["mixture:posterior"][t] = ppl(posterior_by_document(lp, length)[0])
     held = ctx.held_out_persona()
     base_model = ctx.model(ctx.base_state())
-    wise = {"alpha": WISE_ALPHA, "held_out_persona": held,
+    wise: dict[str, Any] = {"alpha": WISE_ALPHA, "held_out_persona": held,
             "base_held_out_ppl": ppl(ctx.token_logps(base_model, ctx.tokens(held))), "per_specialist": {}}
     for p, spec in zip(personas, spec_models):
         w = ctx.model(merges.wise_ft(ctx.base_state(), ctx.specialist_state(p), alpha=WISE_ALPHA))
@@ -112,7 +112,7 @@ def judge(m: Mapping[str, Any]) -> str:
 def key_figures(m: Mapping[str, Any]) -> str:
     """Best merge against the mixtures and the best specialist."""
     ws = {x: _gm(m, x) for x in need(m, "weight_space_methods")}
-    best = min(ws, key=ws.get)
+    best = min(ws, key=ws.__getitem__)
     spec = min(_gm(m, x) for x in need(m, "specialists"))
     return (f"geo-mean ppl: best merge {best} {ws[best]:.2f}, posterior mixture {_gm(m, 'mixture:posterior'):.2f}, "
             f"uniform mixture {_gm(m, 'mixture:uniform'):.2f}, best specialist {spec:.2f}, base {_gm(m, 'base'):.2f}")

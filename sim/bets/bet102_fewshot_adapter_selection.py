@@ -37,7 +37,9 @@ def measure(ctx: BetContext) -> dict[str, Any]:
     base_sd = ctx.base_state()
     models = [ctx.model(base_sd, ctx.adapter_state(u)) for u in users]
     base = ctx.model(base_sd)
-    unknown, known, pooled = {}, {}, {"selected": [], "base": []}
+    unknown: dict[str, dict] = {}
+    known: dict[str, dict] = {}
+    pooled: dict[str, list[torch.Tensor]] = {"selected": [], "base": []}
     for u in (*ctx.unknown_users(), *users):
         toks = ctx.tokens(u)
         lp, base_lp = stack_logps(ctx, models, toks), ctx.token_logps(base, toks).double()

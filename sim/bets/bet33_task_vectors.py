@@ -60,7 +60,7 @@ def key_figures(m: Mapping[str, Any]) -> str:
     """Best merge against the specialists, geometric mean over both texts."""
     texts = need(m, "eval_texts")
     gm = {lam: geomean(number(m, "merged_ppl", lam, t) for t in texts) for lam in need(m, "lambdas")}
-    best = min(gm, key=gm.get)
+    best = min(gm, key=gm.__getitem__)
     specs = ", ".join(f"{s} {geomean(number(m, 'specialist_ppl', s, t) for t in texts):.1f}"
                       for s in need(m, "specialists"))
     return f"best merge (alpha,beta)=({best}) geo-mean ppl {gm[best]:.1f}; specialists {specs}"

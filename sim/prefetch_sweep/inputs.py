@@ -28,15 +28,15 @@ def expert_sizes(state: dict[str, torch.Tensor], *, expert_codec: str) -> np.nda
     Encodes the expert tensors with the same codec the bundles ship (``model.codecs``), so entropy-coded
     or pruned experts get their real, unequal sizes.
     """
-    experts = {k: v for k, v in state.items() if expert_of(k) is not None}
+    where = {k: at for k in state if (at := expert_of(k)) is not None}  # name -> (block, expert)
+    experts = {k: state[k] for k in where}
     if not experts:
         raise SweepError("the model's state holds no expert tensors")
-    where = [expert_of(k) for k in experts]
-    L = 1 + max(b for b, _ in where)
-    E = 1 + max(e for _, e in where)
+    L = 1 + max(b for b, _ in where.values())
+    E = 1 + max(e for _, e in where.values())
     sizes = np.zeros((L, E), dtype=np.int64)  # (L, E)
     for enc in encode_state_dict(experts, expert_codec=expert_codec):
-        b, e = expert_of(enc.name)
+        b, e = where[enc.name]
         sizes[b, e] += len(enc.payload)
     return sizes
 
