@@ -61,12 +61,13 @@ def _ppl_with_unavailable(model: FractalMoE, ids: torch.Tensor, block: int, expe
         return perplexity(token_logps(model, ids))
 
 
-def text_reliance(model: FractalMoE, zeroed: FractalMoE, averaged: FractalMoE, ids: torch.Tensor, *,
-                  drop_one_tokens: int = DROP_ONE_TOKENS) -> dict:
+def text_reliance(model: FractalMoE, zeroed: FractalMoE, averaged: FractalMoE, ids: torch.Tensor,
+                  shares: torch.Tensor, *, drop_one_tokens: int = DROP_ONE_TOKENS) -> dict:
     """Reliance figures of ``model`` on one held-out text ``ids`` ((N,) long).
 
-    ``zeroed`` and ``averaged`` are the same model with its experts zeroed / averaged per block
-    (built once per model by :func:`expert_reliance`, not per text).
+    ``zeroed`` and ``averaged`` are the same model with its experts zeroed / averaged per block, and
+    ``shares`` ((L, E)) the text's expert usage (:func:`usage_shares`), all computed once by
+    :func:`expert_reliance`, which also needs the usage for the divergence across texts.
     """
     ppl = perplexity(token_logps(model, ids))
     zeroed_ppl = perplexity(token_logps(zeroed, ids))
@@ -75,7 +76,7 @@ def text_reliance(model: FractalMoE, zeroed: FractalMoE, averaged: FractalMoE, i
     head_ppl = perplexity(token_logps(model, head))
     ratios = [_ppl_with_unavailable(model, head, b, e) / head_ppl
               for b in range(model.cfg.n_layers) for e in range(model.cfg.n_experts)]
-    entropy = _entropy_bits(usage_shares(model, ids))  # (L,)
+    entropy = _entropy_bits(shares)  # (L,)
     return {
         "ppl": round(ppl, 4),
         "zeroed_ppl": round(zeroed_ppl, 4),
@@ -102,9 +103,10 @@ def expert_reliance(model: FractalMoE, texts: Mapping[str, torch.Tensor], *,
     averaged = type(model)(model.cfg)
     averaged.load_state_dict(average_experts(sd))
     averaged.eval()
-    out = {name: text_reliance(model, zeroed, averaged, ids, drop_one_tokens=drop_one_tokens)
+    usage = {name: usage_shares(model, ids) for name, ids in texts.items()}  # name -> (L, E)
+    out = {name: text_reliance(model, zeroed, averaged, ids, usage[name], drop_one_tokens=drop_one_tokens)
            for name, ids in texts.items()}
-    shares = torch.stack([usage_shares(model, ids) for ids in texts.values()])  # (K, L, E)
+    shares = torch.stack(list(usage.values()))  # (K, L, E)
     per_block = [jensen_shannon_bits(shares[:, b]) for b in range(model.cfg.n_layers)] if len(texts) > 1 else []
     return {"texts": out, "usage_divergence": {
         "jsd_bits": [round(v, 4) for v in per_block],
