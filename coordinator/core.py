@@ -128,6 +128,8 @@ class Core:
         # Prefetch planning hook: given a node (after its heartbeat is recorded), the byte ranges it
         # should fetch next; sent in HeartbeatReply.prefetch. None ships no prefetch plan.
         self.prefetch_planner: Callable[[NodeRecord], list[pb.ByteRange]] | None = None
+        # Where a partial node sends the hidden states of its remote misses (HeartbeatReply.expert_peer).
+        self.expert_peer: Callable[[NodeRecord], str] | None = None
         # Nodes that registered with a Soup-of-Experts instantiation on record, not yet re-applied
         # (see resume_soup); and the tasks re-applying them, kept referenced until done.
         self.soup_pending: set[str] = set()

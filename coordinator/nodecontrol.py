@@ -102,6 +102,8 @@ class NodeControlService(rpc.NodeControlServicer):
             planner = self.core.prefetch_planner
             if planner is not None:
                 reply.prefetch.extend(planner(self.core.registry.existing_node(node_id)))
+            if self.core.expert_peer is not None:
+                reply.expert_peer = self.core.expert_peer(self.core.registry.existing_node(node_id))
         self._count(node_id, request, reply)
         return reply
 

@@ -48,6 +48,7 @@ from .counting import ByteCounter, CountingChannel
 from .errors import NodeError
 from .fetch import FetchPolicy
 from .memory import rss_bytes
+from .partial import PartialExperts, PrefetchSettings, whole_bundles
 from .runtime import ControlLink, NodeLimits, VirtualNode
 from .server import NodeServer, start_node_server
 
@@ -82,13 +83,14 @@ class NodeSpec:
     model: str = "base"
     codec: str = ""
     link: str = ""
+    prefetch: PrefetchSettings | None = None  # a partial node: expert budget and miss policy (node.partial)
 
     @staticmethod
     def from_dict(d: dict) -> NodeSpec:
         """Validate a spec dict; SpecError names the key at fault."""
         if not isinstance(d, dict):
             raise SpecError(f"a node spec must be a dict, got {type(d).__name__}")
-        known = {"node_id", "bundles", "users", "model", "codec", "link"}
+        known = {"node_id", "bundles", "users", "model", "codec", "link", "prefetch"}
         extra = sorted(set(d) - known)
         if extra:
             raise SpecError(f"node spec: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
@@ -104,9 +106,13 @@ class NodeSpec:
         bundles = d.get("bundles", [])
         if not isinstance(bundles, (list, tuple)):
             raise SpecError(f"node spec {node_id}: bundles must be a list")
+        try:
+            prefetch = None if d.get("prefetch") is None else PrefetchSettings.from_dict(d["prefetch"])
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"node spec {node_id}: {exc}") from None
         return NodeSpec(node_id=node_id, bundles=tuple(_bundle_ref(node_id, b) for b in bundles),
                         users=tuple(users), model=d.get("model", "base") or "base", codec=d.get("codec", ""),
-                        link=d.get("link", ""))
+                        link=d.get("link", ""), prefetch=prefetch)
 
 
 def _bundle_ref(node_id: str, b: Any) -> pb.BundleRef:
@@ -222,6 +228,18 @@ class NodeHost:
                       for h in self.nodes.values()],
         }
 
+    async def heartbeat_now(self, node_id: str) -> dict:
+        """One heartbeat of ``node_id`` now (routing report, plan applied), as a driver that paces a
+        partial node's requests between plans calls it; returns the node's summary."""
+        h = self.nodes[node_id]
+        node = h.node
+        if node.predictions != h.reported and node.routing is not None:  # the planner sees this request first
+            await h.link.stub.ReportRouting(pb.RoutingReport(node_id=node_id, histogram=node.histogram()),
+                                            metadata=h.link.metadata, timeout=h.link.timeout_s)
+            h.reported = node.predictions
+        await self._heartbeat_once(h)
+        return h.node.summary() | {"errors": list(h.errors)}
+
     async def stop(self) -> None:
         """Stop every node: heartbeats, servers, shared weights, the coordinator channel."""
         for h in list(self.nodes.values()):
@@ -251,6 +269,8 @@ class NodeHost:
         link = self._control(counter)
         node = VirtualNode(spec.node_id, store=self.store, model_name=spec.model, limits=self.limits,
                            control=link, counter=counter)
+        if spec.prefetch is not None:
+            node.partial = PartialExperts(node, spec.prefetch)
         h = self.nodes[spec.node_id] = HostedNode(spec=spec, node=node, link=link)
         result: dict[str, Any] = {"node_id": spec.node_id, "address": "", "ok": False, "ready": False,
                                   "error": None, "model": spec.model, "link": spec.link}
@@ -261,7 +281,7 @@ class NodeHost:
             t_reg = time.perf_counter()
             if self.heartbeats:  # beating from now on: a long install must not look like a dead node
                 h.task = asyncio.create_task(self._heartbeat_loop(h), name=f"heartbeat-{spec.node_id}")
-            refs = _merge_refs(spec.bundles, reply.bundles)
+            refs = whole_bundles(node, _merge_refs(spec.bundles, reply.bundles))
             if reply.chunk_size and not self.fetch_policy.chunk_size:
                 h.link.policy = dataclasses.replace(self.fetch_policy, chunk_size=reply.chunk_size)
             install = await self._install(node, refs) if refs else None
@@ -329,8 +349,10 @@ class NodeHost:
             if not reply.known:
                 again = await self._register(h)
                 self._provision(h, list(again.bundles), list(again.user_ids))
-            elif reply.bundles:
-                self._provision(h, list(reply.bundles), [])
+            elif whole_bundles(node, reply.bundles):
+                self._provision(h, whole_bundles(node, reply.bundles), [])
+            if reply.known and node.partial is not None:
+                await node.partial.on_heartbeat(reply)
             if node.predictions != h.reported and node.routing is not None:
                 await h.link.stub.ReportRouting(
                     pb.RoutingReport(node_id=node.node_id, histogram=node.histogram()),

@@ -36,6 +36,7 @@ from .counting import ByteCounter
 from .errors import InstallFailed, InvalidRequest, NoModel, UserNotLoaded
 from .fetch import FetchError, FetchPolicy, fetch_bundle
 from .inference import next_logprobs, score_tokens
+from .partial import PartialExperts, expert_output, run_expert_rpc
 from .soup import SoupInstance, describe, instantiate, kept_h, requested_h
 
 T = TypeVar("T")
@@ -109,6 +110,7 @@ class VirtualNode:
         self.inflight = 0
         self.state = pb.NODE_STATE_REGISTERED
         self._install_lock = asyncio.Lock()
+        self.partial: PartialExperts | None = None  # an expert budget, filled by prefetch plans (node.partial)
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -168,6 +170,10 @@ class VirtualNode:
         ids = self._ids(token_ids, served, least=2, most=self.limits.max_score_tokens, what="ScoreTokens")
         adapter = self._adapter(user_id)
         tensors = adapter.tensors if adapter else None
+        if self.partial is not None:
+            logps, routes = await self.partial.score(ids, tensors)
+            self._count_routes(served, routes[:, :-1])
+            return logps, routes
         logps, routes = await self._submit(served.run, mask, lambda m: score_tokens(m, ids, tensors))
         self._count_routes(served, routes[:, :-1])
         return logps, routes
@@ -181,6 +187,14 @@ class VirtualNode:
         logps, route = await self._submit(served.run, mask, lambda m: next_logprobs(m, ids, tensors))
         self._count_routes(served, route[:, None])
         return logps
+
+    async def run_expert(self, block: int, expert: int, rows: int, hidden: bytes) -> bytes:
+        """Expert ``expert`` of block ``block`` on ``rows`` hidden states (float32 bytes): its output, the
+        same layout (Node.RunExpert). FAILED_PRECONDITION when the node does not hold the expert."""
+        x = run_expert_rpc(self, block, expert, rows, hidden)  # (rows, C)
+        served, _ = self._model()
+        y = await self._submit(lambda: expert_output(served.module, block, expert, x))  # (rows, C)
+        return y.to(torch.float32).contiguous().numpy().tobytes()
 
     def check_top_k(self, k: int) -> None:
         """InvalidRequest unless 0 <= k <= vocabulary size."""
@@ -277,8 +291,9 @@ class VirtualNode:
         return bank + [b for b in self.bundles if "instantiated_from" not in b.meta]
 
     def installed_names(self) -> list[str]:
-        """Names of :meth:`held_bundles`."""
-        return [b.name for b in self.held_bundles()]
+        """Names of :meth:`held_bundles`; the pieces a partial node installed from byte ranges of a bundle
+        go by that bundle's name (its expert mask says which experts it holds)."""
+        return list(dict.fromkeys(b.meta.get("range_of", b.name) for b in self.held_bundles()))
 
     def _held(self, ref: pb.BundleRef) -> bool:
         """True for a bundle installed before: held now, or superseded by a later one (so a
@@ -454,4 +469,5 @@ class VirtualNode:
             "predictions": self.predictions,
             "bytes": self.counter.as_dict(),
             "soup": self.soup.as_dict() if self.soup is not None else None,
+            "prefetch": self.partial.summary() if self.partial is not None else None,
         }

@@ -127,11 +127,22 @@ class NodeService(rpc.NodeServicer):
     async def InstallBundles(self, request: pb.InstallBundlesRequest, context) -> pb.InstallBundlesReply:
         """Fetch, verify and install whole bundles (all or nothing); returns when done."""
         async with self._call(context):
+            if request.ranges and self.node.partial is None:
+                raise Unsupported("byte ranges are installed by partial nodes only (a node started with a "
+                                  "prefetch budget); ship whole bundles to this one")
+            fetched = 0
             if request.ranges:
-                raise Unsupported("byte-range prefetch is not served by this node; "
-                                  "ship the experts as bundles of their own")
-            result = await self.node.install(list(request.bundles))
-            return pb.InstallBundlesReply(installed=result.installed, bytes_fetched=result.bytes_fetched)
+                assert self.node.partial is not None
+                fetched += (await self.node.partial.apply_plan(list(request.ranges)))["bytes"]
+            if request.bundles or not request.ranges:  # an empty request is refused by install
+                fetched += (await self.node.install(list(request.bundles))).bytes_fetched
+            return pb.InstallBundlesReply(installed=self.node.installed_names(), bytes_fetched=fetched)
+
+    async def RunExpert(self, request: pb.RunExpertRequest, context) -> pb.RunExpertReply:
+        """One expert on hidden states sent by a partial node that lacks it (its remote miss policy)."""
+        async with self._call(context):
+            return pb.RunExpertReply(output=await self.node.run_expert(request.block, request.expert, request.rows,
+                                                                       request.hidden))
 
     async def InstantiateSoup(self, request: pb.InstantiateSoupRequest, context) -> pb.InstantiateSoupReply:
         """Serve the specialist of the node's Soup-of-Experts bank for the given or estimated h."""

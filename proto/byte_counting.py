@@ -25,6 +25,7 @@ KIND_OF_METHOD: dict[str, pb.ByteKind.ValueType] = {
     _PKG + "Node/LoadUser": pb.BYTE_KIND_ADAPTER,
     _PKG + "Node/UnloadUser": pb.BYTE_KIND_ADAPTER,
     _PKG + "Node/InstallBundles": pb.BYTE_KIND_CONTROL,
+    _PKG + "Node/RunExpert": pb.BYTE_KIND_ACTIVATION,
     _PKG + "Node/Status": pb.BYTE_KIND_CONTROL,
     _PKG + "NodeControl/Register": pb.BYTE_KIND_CONTROL,
     _PKG + "NodeControl/Heartbeat": pb.BYTE_KIND_CONTROL,
@@ -49,9 +50,14 @@ def kind_name(kind: int) -> str:
 
 
 def payload_bytes(msg: Any) -> int:
-    """Bulk data carried by ``msg``: bundle chunk bytes and adapter blobs; 0 for other messages."""
+    """Bulk data carried by ``msg``: bundle chunk bytes, adapter blobs, hidden states and expert
+    outputs (RunExpert); 0 for other messages."""
     if isinstance(msg, pb.BundleChunk | pb.Adapter):
         return len(msg.data)
+    if isinstance(msg, pb.RunExpertRequest):
+        return len(msg.hidden)
+    if isinstance(msg, pb.RunExpertReply):
+        return len(msg.output)
     if isinstance(msg, pb.LoadUserRequest):
         return len(msg.adapter.data)
     return 0

@@ -132,6 +132,10 @@ class _ByteKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ByteKind.Val
     """Generation traffic (Node.Generate and Node.NextTokenDistribution)."""
     BYTE_KIND_CONTROL: _ByteKind.ValueType  # 6
     """Registration, heartbeats, status, routing statistics."""
+    BYTE_KIND_ACTIVATION: _ByteKind.ValueType  # 7
+    """Hidden states sent to a node that holds an expert, and the expert's outputs back
+    (Node.RunExpert: the remote miss policy of a partial node).
+    """
 
 class ByteKind(_ByteKind, metaclass=_ByteKindEnumTypeWrapper):
     """Categories of traffic counted at the coordinator's gRPC boundary."""
@@ -149,6 +153,10 @@ BYTE_KIND_GENERATE: ByteKind.ValueType  # 5
 """Generation traffic (Node.Generate and Node.NextTokenDistribution)."""
 BYTE_KIND_CONTROL: ByteKind.ValueType  # 6
 """Registration, heartbeats, status, routing statistics."""
+BYTE_KIND_ACTIVATION: ByteKind.ValueType  # 7
+"""Hidden states sent to a node that holds an expert, and the expert's outputs back
+(Node.RunExpert: the remote miss policy of a partial node).
+"""
 Global___ByteKind: _TypeAlias = ByteKind  # noqa: Y015
 
 class _FinishReason:
@@ -1405,10 +1413,15 @@ class HeartbeatReply(_message.Message):
     BUNDLES_FIELD_NUMBER: _builtins.int
     PREFETCH_FIELD_NUMBER: _builtins.int
     KNOWN_FIELD_NUMBER: _builtins.int
+    EXPERT_PEER_FIELD_NUMBER: _builtins.int
     known: _builtins.bool
     """False when the coordinator does not know the node (it restarted from an empty DB, or the
     node was deleted): register again. An admin's DRAINING state outlives heartbeats; DOWN does
     not (a node that heartbeats HEALTHY again is routable again).
+    """
+    expert_peer: _builtins.str
+    """host:port of a node that holds every expert, for a partial node's remote misses
+    (Node.RunExpert); empty when the planner knows none or plans nothing for this node.
     """
     @_builtins.property
     def bundles(self) -> _containers.RepeatedCompositeFieldContainer[Global___BundleRef]:
@@ -1424,10 +1437,11 @@ class HeartbeatReply(_message.Message):
         bundles: _abc.Iterable[Global___BundleRef] | None = ...,
         prefetch: _abc.Iterable[Global___ByteRange] | None = ...,
         known: _builtins.bool = ...,
+        expert_peer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundles", b"bundles", "known", b"known", "prefetch", b"prefetch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundles", b"bundles", "expert_peer", b"expert_peer", "known", b"known", "prefetch", b"prefetch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1938,7 +1952,11 @@ class InstallBundlesRequest(_message.Message):
 
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
-        """Byte ranges to prefetch (expert payloads)."""
+        """Byte ranges to install (proto/expert_ranges.py): each covers whole tensors of a bundle held
+        in the coordinator's store, e.g. one expert's matrices, or every non-expert tensor. The node
+        fetches the bundle's header and manifest once, then each range (FetchBundle with offset and
+        length), checks every tensor against the manifest's sha256 and installs each expert atomically.
+        """
 
     def __init__(
         self,
@@ -1953,6 +1971,57 @@ class InstallBundlesRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InstallBundlesRequest: _TypeAlias = InstallBundlesRequest  # noqa: Y015
+
+@_typing.final
+class RunExpertRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCK_FIELD_NUMBER: _builtins.int
+    EXPERT_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    HIDDEN_FIELD_NUMBER: _builtins.int
+    block: _builtins.int
+    """Block and expert to run."""
+    expert: _builtins.int
+    rows: _builtins.int
+    """Number of rows (tokens) in hidden."""
+    hidden: _builtins.bytes
+    """rows x d_model float32 little-endian: the expert's input (the block's normalised MoE input)."""
+    def __init__(
+        self,
+        *,
+        block: _builtins.int = ...,
+        expert: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        hidden: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "expert", b"expert", "hidden", b"hidden", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunExpertRequest: _TypeAlias = RunExpertRequest  # noqa: Y015
+
+@_typing.final
+class RunExpertReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    output: _builtins.bytes
+    """rows x d_model float32 little-endian: the expert's output (before the router's gate)."""
+    def __init__(
+        self,
+        *,
+        output: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunExpertReply: _TypeAlias = RunExpertReply  # noqa: Y015
 
 @_typing.final
 class InstallBundlesReply(_message.Message):

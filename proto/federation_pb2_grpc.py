@@ -1048,6 +1048,11 @@ class NodeStub:
                 request_serializer=federation__pb2.InstallBundlesRequest.SerializeToString,
                 response_deserializer=federation__pb2.InstallBundlesReply.FromString,
                 _registered_method=True)
+        self.RunExpert = channel.unary_unary(
+                '/fractal.federation.v1.Node/RunExpert',
+                request_serializer=federation__pb2.RunExpertRequest.SerializeToString,
+                response_deserializer=federation__pb2.RunExpertReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/fractal.federation.v1.Node/Status',
                 request_serializer=federation__pb2.NodeStatusRequest.SerializeToString,
@@ -1113,6 +1118,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunExpert(self, request, context):
+        """Runs one expert of one block on hidden states sent by a partial node that lacks it (the
+        remote miss policy): activations instead of weights. FAILED_PRECONDITION when this node
+        does not hold the expert.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """What the node holds and is doing.
         """
@@ -1161,6 +1175,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.InstallBundles,
                     request_deserializer=federation__pb2.InstallBundlesRequest.FromString,
                     response_serializer=federation__pb2.InstallBundlesReply.SerializeToString,
+            ),
+            'RunExpert': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunExpert,
+                    request_deserializer=federation__pb2.RunExpertRequest.FromString,
+                    response_serializer=federation__pb2.RunExpertReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -1341,6 +1360,33 @@ class Node:
             '/fractal.federation.v1.Node/InstallBundles',
             federation__pb2.InstallBundlesRequest.SerializeToString,
             federation__pb2.InstallBundlesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunExpert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fractal.federation.v1.Node/RunExpert',
+            federation__pb2.RunExpertRequest.SerializeToString,
+            federation__pb2.RunExpertReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -432,6 +432,11 @@ class NodeStub:
     """Tells the node to fetch (via NodeControl.FetchBundle), verify and install bundles or ranges;
     returns when done.
     """
+    RunExpert: _grpc.UnaryUnaryMultiCallable[_federation_pb2.RunExpertRequest, _federation_pb2.RunExpertReply]
+    """Runs one expert of one block on hidden states sent by a partial node that lacks it (the
+    remote miss policy): activations instead of weights. FAILED_PRECONDITION when this node
+    does not hold the expert.
+    """
     Status: _grpc.UnaryUnaryMultiCallable[_federation_pb2.NodeStatusRequest, _federation_pb2.NodeStatus]
     """What the node holds and is doing."""
     InstantiateSoup: _grpc.UnaryUnaryMultiCallable[_federation_pb2.InstantiateSoupRequest, _federation_pb2.InstantiateSoupReply]
@@ -466,6 +471,11 @@ class NodeAsyncStub(NodeStub):
     InstallBundles: _aio.UnaryUnaryMultiCallable[_federation_pb2.InstallBundlesRequest, _federation_pb2.InstallBundlesReply]  # type: ignore[assignment]
     """Tells the node to fetch (via NodeControl.FetchBundle), verify and install bundles or ranges;
     returns when done.
+    """
+    RunExpert: _aio.UnaryUnaryMultiCallable[_federation_pb2.RunExpertRequest, _federation_pb2.RunExpertReply]  # type: ignore[assignment]
+    """Runs one expert of one block on hidden states sent by a partial node that lacks it (the
+    remote miss policy): activations instead of weights. FAILED_PRECONDITION when this node
+    does not hold the expert.
     """
     Status: _aio.UnaryUnaryMultiCallable[_federation_pb2.NodeStatusRequest, _federation_pb2.NodeStatus]  # type: ignore[assignment]
     """What the node holds and is doing."""
@@ -534,6 +544,17 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_federation_pb2.InstallBundlesReply, _abc.Awaitable[_federation_pb2.InstallBundlesReply]]:
         """Tells the node to fetch (via NodeControl.FetchBundle), verify and install bundles or ranges;
         returns when done.
+        """
+
+    @_abc_1.abstractmethod
+    def RunExpert(
+        self,
+        request: _federation_pb2.RunExpertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.RunExpertReply, _abc.Awaitable[_federation_pb2.RunExpertReply]]:
+        """Runs one expert of one block on hidden states sent by a partial node that lacks it (the
+        remote miss policy): activations instead of weights. FAILED_PRECONDITION when this node
+        does not hold the expert.
         """
 
     @_abc_1.abstractmethod
