@@ -10,8 +10,13 @@ as soon as its last byte arrives. So:
   after it, and the stream resumes from that tensor's first byte: a corruption costs at most one
   tensor plus what followed it in flight, not the whole bundle; the header and manifest, being
   checked as a whole, are fetched again from byte 0;
-- when every byte is in, the whole bundle's sha256 (from the coordinator), summed up as the chunks
-  arrived, is checked too. Chunks are kept as received, never copied into one buffer.
+- every byte is hashed once: the reader's chain (header crc32 -> manifest sha256 -> each tensor's
+  sha256 and byte range, the ranges tiling the payload) covers the whole bundle, so the bytes are
+  exactly the bundle whose manifest the header names. The bundle's identity is the sha256 the
+  coordinator names (``ref.sha256`` or the first chunk's), which the coordinator checks against
+  its store at every stream start (``expected_sha256``) and every chunk repeats; the node does not
+  hash the whole bundle a second time. Chunks are not copied into one buffer: the reader hands out
+  views of them, and assembles only the tensors that span chunks.
 
 It returns only a bundle whose every checksum passed (``Fetched.bundle``), or raises FetchError.
 Installing is the caller's (``node.runtime``), all or nothing.
@@ -20,7 +25,6 @@ Installing is the caller's (``node.runtime``), all or nothing.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -78,37 +82,19 @@ class Fetched:
 
 
 class _Received:
-    """The bytes kept so far (the chunks as received, not copied), their running sha256, and a reader
-    that has verified them."""
+    """Where the verified bytes end, and the reader that verified them (it holds the records)."""
 
     def __init__(self, codecs: Iterable[str] | None) -> None:
-        self.codecs = codecs
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.sha = hashlib.sha256()  # of the kept bytes: the whole bundle's, once all are in
         self.reader = BundleReader(allowed_codecs=codecs)
 
-    def keep(self, data: bytes) -> None:
-        """Keep the next chunk's bytes (the reader is fed separately)."""
-        self.chunks.append(data)
-        self.size += len(data)
-        self.sha.update(data)
+    @property
+    def size(self) -> int:
+        """Bytes received and accepted so far (those of a tensor still arriving included): where to resume."""
+        return self.reader.offset
 
     def rollback(self, offset: int) -> None:
-        """Keep only the first ``offset`` bytes (already verified up to there) and re-read them."""
-        kept, size = [], 0
-        for data in self.chunks:
-            if size >= offset:
-                break
-            data = data[:offset - size]
-            kept.append(data)
-            size += len(data)
-        self.chunks, self.size = [], 0
-        self.sha = hashlib.sha256()
-        self.reader = BundleReader(allowed_codecs=self.codecs)
-        for data in kept:
-            self.keep(data)
-            self.reader.feed(data)
+        """Keep only the first ``offset`` bytes (a tensor's first byte, or 0) and what was verified before."""
+        self.reader.rewind(offset)
 
     def damaged_from(self, exc: BundleError) -> int:
         """Where good bytes end after ``exc``: the damaged tensor's first byte, or 0 for the head."""
@@ -135,19 +121,20 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
         call = stub.FetchBundle(request, metadata=metadata, timeout=policy.stream_timeout_s)
         try:
             async for chunk in call:
-                payload += len(chunk.data)
+                data = chunk.data  # each read of a bytes field copies it (upb): read it once
+                payload += len(data)
                 total = total or int(chunk.total_size)
-                want_sha = want_sha or bytes(chunk.sha256)
-                if chunk.total_size != total or bytes(chunk.sha256) != want_sha:
+                sha = chunk.sha256
+                want_sha = want_sha or sha
+                if chunk.total_size != total or sha != want_sha:
                     raise FetchError(f"bundle {ref.name!r} changed while it was being fetched "
                                      f"(size or sha256 differs from what was expected)",
                                      grpc.StatusCode.FAILED_PRECONDITION)
-                if chunk.offset != got.size or got.size + len(chunk.data) > total:
-                    broken = f"chunk at offset {chunk.offset} (+{len(chunk.data)}), expected {got.size}"
+                if chunk.offset != got.size or got.size + len(data) > total:
+                    broken = f"chunk at offset {chunk.offset} (+{len(data)}), expected {got.size}"
                     break
-                got.keep(chunk.data)
                 try:
-                    got.reader.feed(chunk.data)
+                    got.reader.feed(data)
                 except _DAMAGE as exc:
                     refetches += 1
                     if refetches > policy.max_refetch:
@@ -173,12 +160,12 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
                 bundle = got.reader.finish()
             except BundleError as exc:
                 bundle, broken = None, str(exc)
-            if bundle is not None and got.sha.digest() == want_sha:
+            if bundle is not None:
                 return Fetched(name=ref.name, bundle=bundle, size=total, sha256=want_sha, payload_bytes=payload,
                                resumes=resumes, refetches=refetches)
             refetches += 1
             if refetches > policy.max_refetch:
-                raise FetchError(f"bundle {ref.name!r} failed its sha256 check {refetches} times; nothing installed",
+                raise FetchError(f"bundle {ref.name!r} failed its checks {refetches} times; nothing installed",
                                  grpc.StatusCode.DATA_LOSS)
             got.rollback(0)
             continue

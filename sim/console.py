@@ -71,3 +71,18 @@ def noise_to(path: Path):
             for fd, saved in saved_fds.items():
                 os.dup2(saved, fd)
                 os.close(saved)
+
+
+@contextlib.contextmanager
+def console_stdout():
+    """A text stream on the console's stdout that stays there while :func:`noise_to` sends
+    descriptor 1 to a log (a duplicate of descriptor 1, taken on entry); ``sys.stdout`` itself
+    when it has no real descriptor (a test capturing it)."""
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation, ValueError):
+        yield sys.stdout
+        return
+    with open(os.dup(fd), "w", buffering=1, encoding=sys.stdout.encoding, errors="backslashreplace") as out:
+        yield out

@@ -69,7 +69,7 @@ class TensorRecord(_Shaped):
     name: str
     codec: str
     shape: tuple[int, ...]
-    payload: bytes
+    payload: bytes | bytearray | memoryview  # a reader's records may be views of the chunks received
     meta: dict = field(default_factory=dict)
     dtype: str = "float32"  # the dtype the payload decodes to
 

@@ -3,6 +3,13 @@
 The streaming reader hands out each tensor record as soon as its last byte has arrived and its
 sha256 matches; a caller that *installs* tensors must still wait for ``finish()`` (or use
 ``read_bundle_verified``), because a later fault rejects the whole bundle.
+
+Each byte is hashed once and copied at most once. The checks form a chain that covers every byte:
+the header's crc32 covers its fixed fields, the header carries the manifest's sha256, the manifest
+carries each tensor's sha256 and byte range, and the ranges tile the payload. A tensor whose bytes
+lie inside one read-only chunk (``bytes``, or a read-only memoryview) is handed out as a view of
+that chunk, without a copy; one that spans chunks is assembled in a buffer of its own length,
+allocated once. Writable chunks are never kept: the caller may reuse them.
 """
 
 from __future__ import annotations
@@ -47,12 +54,17 @@ class BundleReader:
         self._allowed = None if allowed_codecs is None else frozenset(allowed_codecs)
         self._expected = expected_shapes
         self._max_chunk = max_chunk_size
+        self._reset()
+
+    def _reset(self) -> None:
+        """The state of a reader that has received nothing."""
         self._received = 0
         self._head = bytearray()  # header and manifest bytes, until the manifest is parsed
         self._header: Header | None = None
         self._manifest: Manifest | None = None
         self._index = 0  # the entry whose payload is arriving
-        self._current = bytearray()
+        self._pieces: list[bytes | memoryview] = []  # its bytes so far, when they span chunks
+        self._filled = 0  # bytes of that entry received so far
         self._hash = hashlib.sha256()
         self._records: list[TensorRecord] = []
         self._error: BundleError | None = None
@@ -95,6 +107,23 @@ class BundleReader:
             self._error = TruncatedBundle(msg)
             raise self._error
         return Bundle(dict(self._manifest.meta), tuple(self._records))
+
+    def rewind(self, offset: int) -> None:
+        """Forget everything from ``offset`` on (0, or the first byte of a tensor already reached) and
+        clear any error: the bytes from ``offset`` are fed again. Records before it stay verified."""
+        m = self._manifest
+        if offset == 0 or m is None:
+            if offset:
+                raise ValueError(f"cannot rewind to byte {offset} before the manifest has arrived")
+            self._reset()
+            return
+        starts = [m.payload_start + e.offset for e in m.entries[: self._index + 1]]
+        if offset not in starts:
+            raise ValueError(f"cannot rewind to byte {offset}: not the first byte of a tensor already reached")
+        self._index = starts.index(offset)
+        del self._records[self._index:]
+        self._received, self._pieces, self._filled, self._error = offset, [], 0, None
+        self._hash = hashlib.sha256()
 
     # -- internals
 
@@ -151,19 +180,29 @@ class BundleReader:
         used = 0
         while self._index < len(entries):
             e = entries[self._index]
-            piece = view[used: used + e.length - len(self._current)]
-            self._current += piece
+            piece = view[used: used + e.length - self._filled]  # (n,) bytes of this tensor in this chunk
+            n = piece.nbytes
             self._hash.update(piece)
-            used += piece.nbytes
-            if len(self._current) < e.length:
+            used += n
+            self._filled += n
+            # kept as a view when nobody can change the bytes under it (a read-only chunk), else copied
+            kept = piece if view.readonly else bytes(piece)
+            if self._filled < e.length:  # the tensor goes on in the next chunk
+                self._pieces.append(kept)
                 break
+            payload: bytes | memoryview
+            if self._pieces:  # spans chunks: joined once, into memory of its exact length
+                self._pieces.append(kept)
+                payload = b"".join(self._pieces)
+            else:
+                payload = kept if n else b""
             if self._hash.hexdigest() != e.sha256:
                 raise ChecksumMismatch(f"corrupted tensor {e.name!r}: sha256 mismatch", e.name)
-            record = TensorRecord(e.name, e.codec, e.shape, bytes(self._current), dict(e.meta), e.dtype)
+            record = TensorRecord(e.name, e.codec, e.shape, payload, dict(e.meta), e.dtype)
             self._records.append(record)
             out.append(record)
             self._index += 1
-            self._current = bytearray()
+            self._pieces, self._filled = [], 0
             self._hash = hashlib.sha256()
         return used
 

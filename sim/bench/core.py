@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,7 +54,7 @@ class BenchConfig:
     decode_shape: str = "30m"  # preset whose model shape the decode/ship bundles have (random weights)
     decode_codecs: tuple[str, ...] = ("int8", "ternary")
     chunk_size: int = 256 * 1024  # the coordinator's default chunk size
-    repeats: int = 5  # interleaved rounds of value and baseline; the best of each is kept
+    repeats: int = 5  # interleaved rounds of value and baseline; the median of each is kept
     ship_repeats: int = 20  # rounds of the shipping benchmarks (a 30m bundle crosses loopback in ~50 ms)
     preset: str = "small"  # trained preset of the federation benchmarks
     nodes: int = 32  # federation size of startup / memory / score / mixture
@@ -94,19 +95,23 @@ class BenchConfig:
                            mixture_requests=2, packings=(2,), packing_rounds=1)
 
 
-def best_of(rounds: int, *fns: Callable[[], float]) -> list[float]:
-    """Run each timing function ``rounds`` times, interleaved (a load spike hits all alike); the least each."""
-    best = [math.inf] * len(fns)
+def median_of(rounds: int, *fns: Callable[[], float]) -> list[float]:
+    """Run each timing function ``rounds`` times, interleaved (a load spike hits all alike); the median each.
+
+    The median, not the best: on a shared machine the best round is the luckiest one, and a ratio of
+    two best rounds compares two lucky draws; the median of interleaved rounds is what a run sees.
+    """
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            best[i] = min(best[i], fn())
-    return best
+            times[i].append(fn())
+    return [statistics.median(t) for t in times]
 
 
-async def abest_of(rounds: int, *fns) -> list[float]:
-    """``best_of`` for coroutine functions returning seconds."""
-    best = [math.inf] * len(fns)
+async def amedian_of(rounds: int, *fns) -> list[float]:
+    """``median_of`` for coroutine functions returning seconds."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            best[i] = min(best[i], await fn())
-    return best
+            times[i].append(await fn())
+    return [statistics.median(t) for t in times]

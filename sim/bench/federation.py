@@ -29,7 +29,7 @@ from proto import federation_pb2 as pb
 from ..actors import AUTO, init_ray, packing, process_memory
 from ..federation import LocalFederation
 from ..scenario import Scenario, override
-from .core import BenchConfig, BenchResult, abest_of
+from .core import BenchConfig, BenchResult, amedian_of
 
 MIB = 2 ** 20
 
@@ -279,7 +279,7 @@ async def score(ctx: BenchContext) -> list[BenchResult]:
     await federation_round()  # warm-up: channels, the node's first forward pass
     await local_round()
     await concurrent_round()
-    fed_s, local_s, conc_s = await abest_of(cfg.repeats, federation_round, local_round, concurrent_round)
+    fed_s, local_s, conc_s = await amedian_of(cfg.repeats, federation_round, local_round, concurrent_round)
     tokens = sum(len(encode(suite.tokenizer, t)) - 1 for t in texts)
     remote = torch.tensor(list(last["fed"].logprobs), dtype=torch.float64)
     local = last["local"]
@@ -322,7 +322,7 @@ async def mixture(ctx: BenchContext) -> list[BenchResult]:
     await one(1)()
     for v in times.values():
         v.clear()
-    k_s, one_s = await abest_of(cfg.mixture_requests, one(K), one(1))
+    k_s, one_s = await amedian_of(cfg.mixture_requests, one(K), one(1))
     holders = {p.node_id for p in fed.plans if p.model in specialists}
     actors = [i for i, ids in enumerate(fed.actor_nodes) if holders & set(ids)]
     return [BenchResult(

@@ -7,6 +7,8 @@
 Each benchmark measures a value and its baseline back to back in the same process, so that the
 load of a busy machine hits both alike; what counts is ``ratio = value / baseline``. Whether a
 higher or a lower ratio is better is in ``better``, the issue's target (if any) in ``target``.
+Value and baseline are the medians of their interleaved rounds. What Ray and gRPC print goes to
+``--log`` (runs/bench/stderr.log), not to the console.
 
     decode          bundle verify + decode (node.assembly.decode_bundle) vs copying the decoded tensors
     ship            NodeControl.FetchBundle through the coordinator vs a bare grpc.aio stream, same bytes and chunks
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
@@ -38,6 +39,7 @@ import torch
 from model.config import ConfigError
 
 from ..actors import RayStartError
+from ..console import console_stdout, noise_to
 from .core import BenchConfig, BenchError, BenchResult
 
 
@@ -134,26 +136,6 @@ def format_table(results: list[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def stdout_to_stderr(active: bool):
-    """Send whatever is written to stdout (file descriptor 1) to stderr while active.
-
-    Ray's raylet prints warnings to the driver's stdout; --json must leave stdout pure JSON.
-    """
-    if not active:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The configuration: full sizes, or --quick, with any size flags on top."""
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
@@ -183,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--save", metavar="FILE.json", help="also write the JSON list to FILE.json")
     ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    ap.add_argument("--log", default="runs/bench/stderr.log", metavar="FILE",
+                    help="where what Ray and gRPC print goes (default runs/bench/stderr.log)")
     ap.add_argument("--quick", action="store_true", help="small sizes (tiny preset, 4 nodes): a smoke test")
     ap.add_argument("--preset", help="trained preset of the federation benchmarks (default small; quick: tiny)")
     ap.add_argument("--nodes", type=int, help="federation size (default 32; quick: 4)")
@@ -210,11 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise BenchError(f"unknown benchmark {bad[0]!r}; choose from {', '.join(reg_names)}")
         quiet = args.json or args.markdown
-        if not quiet:
-            print(f"{'benchmark':<16} {'value':>9} {'baseline':>9} {'ratio':>7}  {'unit':<12} {'target':<12} met")
-        with stdout_to_stderr(quiet):
-            results = asyncio.run(run_benchmarks(args.names or None, cfg,
-                                                 progress=None if quiet else lambda line: print(line, flush=True)))
+        # Ray's raylet warnings and gRPC's notices go to the log (stdout stays pure JSON with --json);
+        # the table's rows go to the console as each benchmark ends
+        with console_stdout() as console, noise_to(Path(args.log)):
+            if not quiet:
+                print(f"{'benchmark':<16} {'value':>9} {'baseline':>9} {'ratio':>7}  {'unit':<12} {'target':<12} met",
+                      file=console)
+            results = asyncio.run(run_benchmarks(
+                args.names or None, cfg, progress=None if quiet else lambda line: print(line, file=console)))
     except (BenchError, ConfigError, RayStartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

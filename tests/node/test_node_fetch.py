@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 
 import grpc
 import pytest
@@ -132,3 +133,34 @@ def test_any_mix_of_cuts_and_corruption_yields_the_exact_bytes_or_an_error(cut, 
         assert got.code in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNAVAILABLE)
     else:
         assert got.size == len(DATA) and [r.payload for r in got.bundle] == [r.payload for r in reference]
+
+
+def test_the_node_hashes_each_byte_of_the_bundle_once(monkeypatch):
+    """The reader's chain (manifest sha256, each tensor's sha256) covers the bundle; the node does
+    not hash the whole bundle a second time (the fake coordinator's own hashing is not counted)."""
+    coord = FakeCoordinator(bundles={"b": DATA})
+    ref = coord.ref("b")
+    m = read_manifest(DATA)
+    real = hashlib.sha256
+    hashed: dict[str, int] = {}
+
+    class Counting:
+        def __init__(self, data=b"") -> None:
+            self._module = sys._getframe(1).f_globals["__name__"]
+            self._h = real()
+            self.update(data)
+
+        def update(self, data) -> None:
+            hashed[self._module] = hashed.get(self._module, 0) + memoryview(data).nbytes
+            self._h.update(data)
+
+        def digest(self) -> bytes:
+            return self._h.digest()
+
+        def hexdigest(self) -> str:
+            return self._h.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", Counting)
+    got, _ = fetch(coord, ref)
+    ours = sum(n for mod, n in hashed.items() if mod.split(".")[0] in ("node", "proto"))
+    assert got.size == len(DATA) and ours == m.manifest_length + m.payload_length

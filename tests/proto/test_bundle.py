@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -434,3 +435,70 @@ def test_forged_manifests_with_valid_digests_are_refused_cleanly(doc, payload):
     # accepted only if it really is consistent: every tensor's bytes hash to its digest
     assert sum(len(r.payload) for r in bundle) == len(payload)
     assert all(hashlib.sha256(r.payload).hexdigest() == t["sha256"] for r, t in zip(bundle, doc["tensors"]))
+
+
+# ---- one hash per byte, no copies ------------------------------------------------------------
+
+_SHA256 = hashlib.sha256
+
+
+class _CountingSha:
+    """A sha256 that counts the bytes it is given (patched into the reader)."""
+
+    hashed = 0
+
+    def __init__(self) -> None:
+        self._h = _SHA256()
+
+    def update(self, data) -> None:
+        _CountingSha.hashed += memoryview(data).nbytes
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+@pytest.mark.parametrize("chunk", [1, 97, 4096, 10**6])
+def test_the_reader_hashes_each_payload_byte_once(monkeypatch, chunk):
+    import proto.bundle.reader as reader_module
+    records = make_records(3, n=6)
+    data = encode_bundle(records, {})
+    monkeypatch.setattr(reader_module, "hashlib", SimpleNamespace(sha256=_CountingSha))
+    _CountingSha.hashed = 0
+    got = read_bundle_verified(data[i:i + chunk] for i in range(0, len(data), chunk))
+    assert _CountingSha.hashed == sum(len(r.payload) for r in records)
+    assert all(same(a, b) for a, b in zip(got, records))
+
+
+def test_read_only_chunks_are_viewed_and_writable_ones_copied():
+    records = make_records(4, n=4, max_len=500)
+    data = encode_bundle(records, {})
+    whole = read_bundle_verified([data])  # one read-only chunk: every payload is a view of it
+    assert all(isinstance(r.payload, memoryview) and r.payload.obj is data for r in whole)
+    mutable = bytearray(data)
+    reader = BundleReader()
+    reader.feed(mutable)
+    mutable[:] = bytes(len(mutable))  # the caller reuses its buffer: the records must not change
+    assert all(same(a, b) for a, b in zip(reader.finish(), records))
+
+
+def test_rewind_to_a_tensor_keeps_what_came_before_and_refeeds_the_rest():
+    records = make_records(5, n=5, max_len=800)
+    data = encode_bundle(records, {})
+    m = read_manifest(data)
+    victim = m.entries[2]
+    start = m.payload_start + victim.offset
+    bad = bytearray(data)
+    bad[start + victim.length - 1] ^= 1
+    reader = BundleReader()
+    with pytest.raises(ChecksumMismatch):
+        for i in range(0, len(bad), 300):
+            reader.feed(bytes(bad[i:i + 300]))
+    with pytest.raises(ValueError, match="not the first byte of a tensor"):
+        reader.rewind(start + 1)
+    reader.rewind(start)
+    assert reader.offset == start
+    reader.feed(data[start:])
+    assert all(same(a, b) for a, b in zip(reader.finish(), records))
+    reader.rewind(0)
+    assert reader.offset == 0 and reader.manifest is None

@@ -7,6 +7,8 @@ import asyncio
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
@@ -144,3 +146,28 @@ def test_the_packing_sweep_starts_each_packing_and_compares_the_automatic_one(ti
     assert r.name == "packing" and set(d["seconds"]) == {"1", str(d["auto_nodes_per_actor"]), "2"}
     assert all(len(v) == cfg.packing_rounds and min(v) > 0 for v in d["seconds"].values())
     assert r.value == d["median_s"][str(d["auto_nodes_per_actor"])] and r.baseline == d["median_s"]["1"]
+
+
+def test_rounds_are_summed_up_by_their_median_not_their_best() -> None:
+    from sim.bench.core import amedian_of, median_of
+    a, b = iter([5.0, 1.0, 3.0]), iter([2.0, 9.0, 4.0])
+    assert median_of(3, lambda: next(a), lambda: next(b)) == [3.0, 4.0]
+    c = iter([1.0, 7.0, 2.0, 8.0])
+
+    async def timed() -> float:
+        return next(c)
+    assert asyncio.run(amedian_of(4, timed)) == [4.5]
+
+
+def test_what_ray_and_grpc_print_goes_to_the_log_and_the_rows_to_the_console(tmp_path) -> None:
+    """Descriptors 1 and 2 (where the raylet's warnings and gRPC's C core write) go to the log;
+    what is printed to the console stream stays on stdout."""
+    log = tmp_path / "bench.log"
+    code = ("import os, sys\nfrom sim.console import console_stdout, noise_to\n"
+            f"with console_stdout() as c, noise_to(__import__('pathlib').Path({str(log)!r})):\n"
+            "    os.write(1, b'raylet noise\\n'); os.write(2, b'grpc noise\\n'); print('row', file=c)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "row\n" and run.stderr == ""
+    assert log.read_text().splitlines() == ["raylet noise", "grpc noise"]
