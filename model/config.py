@@ -22,6 +22,9 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+GATES = ("unit", "prob")  # how a chosen expert's output is scaled: see ModelConfig.gate
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shape of a FractalMoE model."""
@@ -35,6 +38,13 @@ class ModelConfig:
     top_k: int = 1
     context: int
     aux_loss_coef: float = 0.01
+    # How the chosen expert's output is scaled. "unit": by 1 in the forward pass, with the router's
+    # gradient passed straight through (p / stop_grad(p)); "prob": by the router's probability p, as
+    # the Switch Transformer does. With top-1 of 16 experts p starts near 1/16, so "prob" damps every
+    # expert's output (and gradient) about sixteen-fold and the trained model leaves its knowledge in
+    # attention and embeddings (zeroing all experts cost x1.3-2.6 at `small`); "unit" makes the
+    # experts load-bearing (x79-156) for a 2-5% higher perplexity. See docs/design.md, "Regime".
+    gate: str = "unit"
 
     def __post_init__(self) -> None:
         _require(self.vocab_size >= 260, f"vocab_size must be >= 260 (bytes + specials), got {self.vocab_size}")
@@ -46,6 +56,7 @@ class ModelConfig:
         _require(self.d_ff > 0, f"d_ff must be > 0, got {self.d_ff}")
         _require(self.context >= 8, f"context must be >= 8, got {self.context}")
         _require(0.0 <= self.aux_loss_coef < 1.0, f"aux_loss_coef must be in [0, 1), got {self.aux_loss_coef}")
+        _require(self.gate in GATES, f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

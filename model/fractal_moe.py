@@ -80,16 +80,17 @@ class MoE(nn.Module):
     Two hooks let the federation serve with part of the model:
     ``available`` (bool, (E,), or (N, E) per token) restricts the choice to installed experts, so a
     missing expert is replaced by the installed one the router scores highest; ``forced_route``
-    ((N,) long) overrides the router's choice (the gate stays the router's probability of the forced
-    expert). After each forward, ``last_route`` ((B, T) long) and ``last_logits`` ((B, T, E)) hold
-    what the router did, detached, for routing statistics and prefetch predictors, and with
-    ``record_input`` ``last_input`` ((B, T, C)) the MoE's input. The hooks are set only through
-    :meth:`FractalMoE.serving`, which restores them.
+    ((N,) long) overrides the router's choice (with ``gate = "prob"`` the gate stays the router's
+    probability of the forced expert). After each forward, ``last_route`` ((B, T) long) and
+    ``last_logits`` ((B, T, E)) hold what the router did, detached, for routing statistics and
+    prefetch predictors, and with ``record_input`` ``last_input`` ((B, T, C)) the MoE's input.
+    The hooks are set only through :meth:`FractalMoE.serving`, which restores them.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_experts = cfg.n_experts
+        self.unit_gate = cfg.gate == "unit"
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.n_experts))
         self.available: torch.Tensor | None = None
@@ -111,7 +112,7 @@ class MoE(nn.Module):
             if self.available is not None:
                 choice = logits.masked_fill(~self.available.to(x.device), float("-inf"))
             route = choice.argmax(dim=-1)  # (N,)
-        gate = probs.gather(1, route[:, None])  # (N, 1)
+        gate = self.gate(probs, route)  # (N, 1)
         out = torch.zeros_like(flat)  # (N, C)
         for e in torch.unique(route).tolist():
             rows = (route == e).nonzero(as_tuple=True)[0]
@@ -123,6 +124,12 @@ class MoE(nn.Module):
         self.last_logits = logits.detach().view(B, T, self.n_experts)
         self.last_input = flat.detach().view(B, T, C) if self.record_input else None
         return out.view(B, T, C), aux
+
+    def gate(self, probs: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """The scale (N, 1) of each token's expert output: ``probs`` (N, E) at ``route`` (N,) long, or,
+        with the unit gate, 1 in value with that probability's gradient (straight-through)."""
+        gate = probs.gather(1, route[:, None])  # (N, 1)
+        return gate / gate.detach() if self.unit_gate else gate
 
     def route(self) -> torch.Tensor:
         """The experts chosen in the last forward pass ((B, T) long); an error before the first pass."""

@@ -96,7 +96,7 @@ def staged_forward(model: FractalMoE, idx: torch.Tensor, available: torch.Tensor
                     raise ValueError(f"block {b}: experts {missing} got neither outputs nor a substitute")
                 choice = logits.masked_fill(~answer.available, float("-inf")).argmax(dim=-1)  # (T,)
                 use[left] = choice[left]
-        gate = probs.gather(1, torch.where(use >= 0, use, route)[:, None])  # (T, 1)
+        gate = moe.gate(probs, torch.where(use >= 0, use, route))  # (T, 1)
         out = torch.zeros_like(flat)  # (T, C)
         for e in torch.unique(use).tolist():
             if e < 0:

@@ -78,7 +78,8 @@ def config_from_meta(meta: dict) -> ModelConfig:
     d = meta.get("model_config")
     if isinstance(d, dict):
         try:
-            return ModelConfig(**d)
+            # bundles written before ModelConfig.gate existed were trained with the probability gate
+            return ModelConfig(**{"gate": "prob", **d})
         except (TypeError, ConfigError) as exc:
             raise AssemblyError(f"bundle model_config is invalid: {exc}") from None
     if isinstance(meta.get("preset"), str):

@@ -81,6 +81,7 @@ BET = Bet(
     judge=judge,
     measure=measure,
     key_figures=key_figures,
-    notes=("The catalogue keeps a single averaged expert; we keep 16 identical copies (the gate still scales "
-           "the output by the router's probability of the chosen expert, as in the trained model).",),
+    notes=("The catalogue keeps a single averaged expert; we keep 16 identical copies (the gate scales the "
+           "output as in the trained model: by 1 with the default unit gate, by the router's probability with "
+           "gate = \"prob\").",),
 )

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -58,8 +59,10 @@ def test_every_expert_is_reachable():
         assert moe.last_route[0].tolist() == list(range(cfg.n_experts))
 
 
-def test_top1_output_is_the_gated_chosen_expert():
-    cfg = PRESETS["tiny"].model
+@pytest.mark.parametrize("gate", ["unit", "prob"])
+def test_top1_output_is_the_gated_chosen_expert(gate):
+    """The output is the chosen expert's, scaled by 1 (unit gate) or by the router's probability."""
+    cfg = dataclasses.replace(PRESETS["tiny"].model, gate=gate)
     m = build_model(cfg, 0)
     moe = m.moes[0]
     x = torch.randn(1, 5, cfg.d_model)
@@ -67,9 +70,25 @@ def test_top1_output_is_the_gated_chosen_expert():
     probs = torch.softmax(x[0] @ moe.router.weight.T, dim=-1)
     for t in range(5):
         e = int(probs[t].argmax())
-        expected = moe.experts[e](x[0, t:t + 1])[0] * probs[t, e]
+        scale = probs[t, e] if gate == "prob" else 1.0
+        expected = moe.experts[e](x[0, t:t + 1])[0] * scale
         torch.testing.assert_close(y[0, t], expected)
-    assert float(aux) >= 1.0 - 1e-6  # Switch aux loss is minimised (=1) at perfect balance
+    assert float(aux.detach()) >= 1.0 - 1e-6  # Switch aux loss is minimised (=1) at perfect balance
+
+
+def test_unit_gate_still_trains_the_router():
+    """The unit gate's value is 1, but the task loss still reaches the router (straight-through)."""
+    cfg = PRESETS["tiny"].model
+    assert cfg.gate == "unit"
+    moe = build_model(cfg, 0).moes[0]
+    y, _ = moe(torch.randn(1, 7, cfg.d_model))
+    y.pow(2).sum().backward()
+    assert moe.router.weight.grad is not None and float(moe.router.weight.grad.abs().sum()) > 0
+
+
+def test_unknown_gate_is_refused():
+    with pytest.raises(ConfigError, match="gate"):
+        dataclasses.replace(PRESETS["tiny"].model, gate="softmax")
 
 
 def test_available_mask_substitutes_the_best_installed_expert():
