@@ -26,7 +26,7 @@ from model.corpora import CorpusError
 from model.pipeline import Suite
 from proto.ids import is_valid_id
 
-from . import faults, network, prefetch_sweep, regime, soup
+from . import codec_quality, faults, network, prefetch_sweep, regime, soup
 from .actors import RayStartError
 from .console import noise_to
 from .federation import FederationError, LocalFederation
@@ -42,18 +42,38 @@ log = logging.getLogger("sim.run")
 LIVE_PARTS: tuple[LivePart, ...] = (prefetch_sweep.LIVE_PART, faults.LIVE_PART)
 
 
-def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool = True) -> Suite:
-    """Train or load (cache) every model the scenario needs."""
+def new_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool = True) -> Suite:
+    """The scenario's Suite, checked against the scenario (nothing trained yet: that is cheap)."""
     preset = get_preset(scn.federation.preset)
     if scn.federation.users_per_persona:
         preset = dataclasses.replace(preset, users_per_persona=scn.federation.users_per_persona)
     suite = Suite(preset, scn.federation.seed, corpus_dir=corpus_dir, corpus_chars=scn.federation.corpus_chars,
                   progress=progress, pretrain_corpus=scn.model.corpus_pretrain)
+    check_suite(scn, suite, corpus_dir)
+    return suite
+
+
+def suite_key(scn: Scenario) -> tuple:
+    """What decides a run's models: runs with equal keys can share one Suite (sim.sweep does)."""
+    f = scn.federation
+    return (f.preset, f.seed, f.users_per_persona, f.corpus_chars, scn.model.corpus_pretrain)
+
+
+def check_suite(scn: Scenario, suite: Suite, corpus_dir: str | None) -> None:
+    """Refuse, before any training, what the suite cannot serve: corpus users whose names are not
+    user ids, specialists of personas the suite does not train."""
     check_corpus_users(suite.corpus_users, corpus_dir)
     bad = [s for s in scn.specialists() if s not in suite.personas]
     if bad:
         raise ScenarioError(f"model.specialists: {bad[0]!r} is not a training persona "
                             f"({', '.join(suite.personas)})")
+
+
+def build_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool = True,
+                suite: Suite | None = None) -> Suite:
+    """Train or load (cache) every model the scenario needs, into ``suite`` if given (a Suite of the
+    same :func:`suite_key`, whose models in memory are reused) or a new one."""
+    suite = suite or new_suite(scn, corpus_dir=corpus_dir, progress=progress)
     suite.base_state()
     for s in scn.specialists():
         suite.specialist_state(s)
@@ -124,6 +144,7 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
         stats = stats_to_dict(fed.coordinator.core.stats(None))  # bytes and request counters
         report = assemble(scn, fed, stats, workload, links)
         add_section(report, regime.section(suite))
+        add_section(report, codec_quality.section(suite, scn, workload.users, workload.unknown))
         if fed.soup_instances:
             add_section(report, soup.section(fed, stats, workload.soup, scn.model.expert_codec))
         report["memory"] = await fed.memory()  # RSS and PSS of every node actor, per node
@@ -227,13 +248,27 @@ def add_scenario_arguments(ap: argparse.ArgumentParser, *, out: str) -> None:
     ap.add_argument("--quiet", action="store_true", help="no progress bars: the summary only")
 
 
+# The scenario key each flag of add_scenario_arguments overrides (argparse dest -> section.key).
+FLAG_KEYS = {"nodes": "federation.nodes", "preset": "federation.preset", "seed": "federation.seed",
+             "address": "federation.address", "nodes_per_actor": "federation.nodes_per_actor",
+             "soup_nodes": "soup.nodes", "codec": "model.expert_codec", "corpus_pretrain": "model.corpus_pretrain"}
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The scenario keys the command line sets (``section.key`` -> value), flags not given left out."""
+    return {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None}
+
+
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
     """The scenario file (or the defaults) with the command line's overrides applied."""
     scn = load(args.scenario) if args.scenario else Scenario().validate()
-    scn = override(scn, "federation", nodes=args.nodes, preset=args.preset, seed=args.seed,
-                   address=args.address, nodes_per_actor=args.nodes_per_actor)
-    scn = override(scn, "soup", nodes=args.soup_nodes)
-    return override(scn, "model", expert_codec=args.codec, corpus_pretrain=args.corpus_pretrain)
+    by_section: dict[str, dict[str, object]] = {}
+    for key, value in flag_overrides(args).items():
+        section, _, name = key.partition(".")
+        by_section.setdefault(section, {})[name] = value
+    for section, values in by_section.items():
+        scn = override(scn, section, **values)
+    return scn
 
 
 def main(argv: list[str] | None = None) -> int:

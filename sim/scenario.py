@@ -317,8 +317,9 @@ def from_dict(data: dict) -> Scenario:
     return Scenario(**kwargs).validate()
 
 
-def load(path: str | Path) -> Scenario:
-    """Read and validate a scenario file."""
+def read_toml(path: str | Path) -> dict:
+    """A scenario file's parsed TOML, its ``name`` defaulting to the file's stem; a ScenarioError naming
+    the file when it is missing or not TOML."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -327,6 +328,14 @@ def load(path: str | Path) -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
     data.setdefault("name", path.stem)
+    return data
+
+
+def load(path: str | Path) -> Scenario:
+    """Read and validate a scenario file."""
+    data = read_toml(path)
+    if "sweep" in data:
+        raise ScenarioError(f"{path}: has a [sweep] table: run it with python -m sim.sweep --scenario {path}")
     return from_dict(data)
 
 

@@ -34,6 +34,13 @@ class WorkloadResult:
     errors: list[str] = field(default_factory=list)
 
 
+def held_out_slice(suite, name: str, chars: int, k: int = 0) -> str:
+    """The k-th slice of ``chars`` characters of ``name``'s held-out text (what scoring request k sends)."""
+    full = suite.text(name, "eval")
+    start = (k * chars) % max(1, len(full) - chars)
+    return full[start:start + chars]
+
+
 class Driver:
     """Sends the scenario's workload through a federation and collects the results."""
 
@@ -47,10 +54,7 @@ class Driver:
 
     def text(self, name: str, k: int = 0) -> str:
         """The k-th slice of ``name``'s held-out text, of the workload's scoring length."""
-        n = self.scn.workload.score_chars
-        full = self.suite.text(name, "eval")
-        start = (k * n) % max(1, len(full) - n)
-        return full[start:start + n]
+        return held_out_slice(self.suite, name, self.scn.workload.score_chars, k)
 
     async def _call(self, kind: str, user: str, coro_fn):
         async with self.sem:
@@ -82,7 +86,7 @@ class Driver:
             if own is None or base is None:
                 continue
             self.result.users.append({
-                "user": user, "persona": src.persona, "node": own.node_id, "model": own.model,
+                "user": user, "request": k, "persona": src.persona, "node": own.node_id, "model": own.model,
                 "tokens": len(own.logprobs), "own_ppl": own.perplexity, "base_ppl": base.perplexity,
                 "own_bpc": own.bits_per_char, "base_bpc": base.bits_per_char, "bpc_floor": src.floor_bpc,
                 "own_beats_base": own.perplexity < base.perplexity,
@@ -99,7 +103,7 @@ class Driver:
         for k in range(self.scn.workload.score_requests_per_user):
             r = await self.score(user, self.text(user, k))
             if r is not None:
-                self.result.unknown.append({"user": user, "persona": src.persona, "node": r.node_id,
+                self.result.unknown.append({"user": user, "request": k, "persona": src.persona, "node": r.node_id,
                                             "model": r.model, "ppl": r.perplexity, "bpc": r.bits_per_char,
                                             "bpc_floor": src.floor_bpc})
 

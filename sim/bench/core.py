@@ -66,6 +66,7 @@ class BenchConfig:
     score_chars: int = 1500
     mixture_requests: int = 6
     seed: int = 0
+    sweep_codecs: tuple[str, ...] = ("int8", "ternary")  # the points of the sweep benchmark
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, msg: str) -> None:
@@ -74,6 +75,8 @@ class BenchConfig:
         for key in ("decode_shape", "preset"):
             need(getattr(self, key) in PRESETS, key, f"must be one of {', '.join(PRESETS)}, got {getattr(self, key)!r}")
         need(bool(self.decode_codecs), "decode_codecs", "must name at least one codec")
+        need(len(self.sweep_codecs) >= 2 and len(set(self.sweep_codecs)) == len(self.sweep_codecs), "sweep_codecs",
+             f"must name at least two distinct codecs, got {self.sweep_codecs}")
         need(4096 <= self.chunk_size <= 4 * 1024 * 1024, "chunk_size", f"must be 4 KiB..4 MiB, got {self.chunk_size}")
         for key in ("repeats", "ship_repeats", "score_requests", "mixture_requests", "nodes_per_actor",
                     "baseline_nodes_per_actor", "packing_rounds"):

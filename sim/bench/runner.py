@@ -19,6 +19,8 @@ Value and baseline are the medians of their interleaved rounds. What Ray and gRP
                     (run only when named: one federation per packing and round, minutes)
     memory          memory per simulated node (actor RSS / nodes) vs one bare Ray actor importing torch
     mixture         Score over a K-node mixture vs a mixture of one node (latency)
+    sweep           wall seconds per sim.sweep point, models and Ray shared vs nothing shared, and the
+                    sweep's own overhead per point (run only when named: the sweep's points, twice)
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Benchmark:
 
 def registry() -> dict[str, Benchmark]:
     """Every benchmark by name, in the order they run."""
-    from . import federation, wire
+    from . import federation, sweep, wire
 
     items = [
         Benchmark("decode", "bundle verify+decode vs a plain copy of the decoded tensors", wire.decode),
@@ -71,6 +73,8 @@ def registry() -> dict[str, Benchmark]:
         Benchmark("score", "Federation.Score throughput vs the same model in-process",
                   federation.score),
         Benchmark("mixture", "latency of a K-node mixture vs one node", federation.mixture),
+        Benchmark("sweep", "per sim.sweep point: shared models and Ray vs nothing shared; overhead (only when named)",
+                  sweep.sweep, default=False),
     ]
     return {b.name: b for b in items}
 
