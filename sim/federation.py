@@ -126,8 +126,12 @@ class LocalFederation:
     """Start and stop a whole federation for a scenario. Use ``async with`` or start()/stop()."""
 
     def __init__(self, scn: Scenario, suite: Suite, workdir: Path, *, link_names: list[str],
-                 progress: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
+                 progress: bool = True, host: str = "127.0.0.1", port: int = 0,
+                 bundle_cache: dict[tuple, BundleInfo] | None = None) -> None:
         self.scn = scn
+        # bundles already written from this suite's models (by model, codecs, soup settings), reused as they are:
+        # each coordinator copies them into its own store (sim.sweep shares one between its points)
+        self.bundle_cache = bundle_cache
         self.listen = (host, port)  # where the coordinator listens (port 0: any free port)
         self.suite = suite
         self.workdir = Path(workdir)
@@ -184,6 +188,10 @@ class LocalFederation:
         for model in dict.fromkeys(p.model for p in self.plans):
             name = f"{model}-{codec}"
             path = out / f"{name}.ffb"
+            key = (model, codec, other, repr(self.scn.soup) if model == soup.SOUP_MODEL else "")
+            if self.bundle_cache is not None and key in self.bundle_cache:
+                self.bundles[name] = self.bundle_cache[key]
+                continue
             if model == soup.SOUP_MODEL:
                 entries, meta = soup.bank_records(self.scn, self.suite)
             else:
@@ -194,6 +202,8 @@ class LocalFederation:
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
             self.bundles[name] = BundleInfo(name=name, path=path, model=model, codec=codec, size=size,
                                             sha256=sha, tensors=len(entries))
+            if self.bundle_cache is not None:
+                self.bundle_cache[key] = self.bundles[name]
 
     def clear_coordinator_state(self) -> None:
         """Remove a previous run's registry and store from the work folder.

@@ -118,12 +118,13 @@ def link_names(scn: Scenario) -> tuple[list[str], dict[str, network.LinkProfile]
 
 
 async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None, progress: bool = True,
-                         corpus_dir: str | None = None, extra=None) -> dict:
+                         corpus_dir: str | None = None, extra=None, bundle_cache: dict | None = None) -> dict:
     """Run the scenario end to end and return the report (also written into ``out``).
 
     ``extra``, if given, is an async callable ``extra(fed, report)`` run after the workload
     (the scenario's :data:`LIVE_PARTS` plug in there) that may add sections to the report
-    (:func:`sim.sections.add_section`).
+    (:func:`sim.sections.add_section`). ``bundle_cache`` (see :class:`sim.federation.LocalFederation`)
+    reuses bundles an earlier run wrote from the same ``suite``.
     """
     t_start = time.perf_counter()
     phases: dict[str, float] = {}
@@ -133,7 +134,7 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
     phases["models (train or cache)"] = time.perf_counter() - t
     names, links = link_names(scn)
     out.mkdir(parents=True, exist_ok=True)
-    fed = LocalFederation(scn, suite, out / "work", link_names=names, progress=progress)
+    fed = LocalFederation(scn, suite, out / "work", link_names=names, progress=progress, bundle_cache=bundle_cache)
     report: dict = {}
     try:
         await fed.start()

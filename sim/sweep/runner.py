@@ -7,6 +7,8 @@ points (``share=True``), because sharing cannot change what a point measures:
 * the trained models: one ``model.pipeline.Suite`` per set of models (preset, seed, users, corpus), trained
   or loaded once and held in memory (its weights are read, never written, by a run), and the uncompressed
   perplexities of the codec-cost section, which depend only on the models and the texts;
+* the bundles: a model encoded with the same codecs (and a soup bank with the same soup settings) is
+  written once, by the first point that ships it; each point's coordinator copies it into its own store;
 * Ray: started once (or connected once, for points that all name the same ``federation.address``); each
   point's node actors are its own processes, started and killed by the point, as in ``sim.run``.
 
@@ -61,12 +63,14 @@ async def run_points(points: list[Point], out: Path, *, corpus_dir: str | None =
     timing: dict[str, Any] = {"models_seconds": 0.0, "ray_seconds": 0.0, "points": []}
     shared: list[str] = []
     suites: dict[tuple, Suite] = {}
+    bundles: dict[tuple, dict] = {}  # per model set: the bundles written so far, by model and codecs
     ray_here = False
     if share and runnable:
         t = time.perf_counter()
         suites = shared_suites(runnable, corpus_dir, progress)
         timing["models_seconds"] = time.perf_counter() - t
         shared.append(f"models ({len(suites)} model set{'s' * (len(suites) != 1)})")
+        shared.append("bundles (one per model and codecs)")
         addresses = {p.scenario.federation.address for p in runnable if p.scenario is not None}
         if len(addresses) == 1:
             t = time.perf_counter()
@@ -89,7 +93,8 @@ async def run_points(points: list[Point], out: Path, *, corpus_dir: str | None =
                 t_run = time.perf_counter()
                 try:
                     await run_federation(scn, out / p.folder, suite=suite, progress=progress, corpus_dir=corpus_dir,
-                                         extra=live_parts(scn))
+                                         extra=live_parts(scn),
+                                         bundle_cache=bundles.setdefault(suite_key(scn), {}) if share else None)
                 finally:
                     run_s = time.perf_counter() - t_run  # the point's own run, its report and plots included
                 report = json.loads((out / p.folder / "report.json").read_text())  # the row is what was written

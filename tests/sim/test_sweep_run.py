@@ -111,7 +111,7 @@ def test_frontier_marks_and_report_files(sweep) -> None:
     t = s["timing"]
     assert t["overhead_seconds"] == pytest.approx(t["wall_seconds"] - t["models_seconds"] - t["points_seconds"],
                                                   abs=0.02)
-    assert "Ray" in s["shared"][-1] and s["shared"][0].startswith("models")
+    assert s["shared"][0].startswith("models") and s["shared"][1].startswith("bundles") and s["shared"][2] == "Ray"
 
 
 def test_compare_two_points(sweep, capsys) -> None:
@@ -130,3 +130,25 @@ def test_compare_two_points(sweep, capsys) -> None:
         s["rows"][1]["bytes_by_kind"]["BUNDLE"] / s["rows"][0]["bytes_by_kind"]["BUNDLE"])
     assert by["served / uncompressed ppl"]["a"] == pytest.approx(1.0, abs=1e-5)
     assert got["changes"] == [{"key": "model.expert_codec", "a": "fp32", "b": "int8"}]
+
+
+def test_a_shared_bundle_is_the_bundle_a_run_of_its_own_writes(tiny_suite, tmp_path) -> None:
+    """Points that ship the same model in the same codecs share its bundle: the file the first wrote,
+    byte for byte what a federation of its own writes."""
+    from sim.federation import LocalFederation
+    from sim.run import link_names
+    from sim.scenario import from_dict
+
+    scn = from_dict({"federation": {"nodes": 4, "preset": "tiny"}, "model": {"expert_codec": "int8"}})
+    names, _ = link_names(scn)
+    cache: dict = {}
+    first, second, alone = (LocalFederation(scn, tiny_suite, tmp_path / w, link_names=names, progress=False,
+                                            bundle_cache=c) for w, c in (("a", cache), ("b", cache), ("c", None)))
+    for fed in (first, second, alone):
+        fed.write_bundles()
+    assert set(first.bundles) == set(second.bundles) == set(alone.bundles) and len(cache) == len(first.bundles)
+    for name, info in second.bundles.items():
+        assert info is first.bundles[name] and info.path.parent == tmp_path / "a" / "bundles"
+        own = alone.bundles[name]
+        assert info.sha256 == own.sha256 and info.path.read_bytes() == own.path.read_bytes()
+    assert not (tmp_path / "b" / "bundles").exists() or not any((tmp_path / "b" / "bundles").iterdir())
