@@ -47,6 +47,9 @@ CODECS: tuple[str, ...] = (
 )
 LOSSLESS_CODECS: tuple[str, ...] = ("fp32",)
 TERNARY_CODECS: tuple[str, ...] = ("ternary", "ternary-ec", "prune50+ternary", "prune50+ternary-ec")
+# Codecs whose decode checks its scales, so that every decoded weight is finite (|q| <= 127 or a
+# trit, times a scale s with 127 s finite): a decoded tensor of these needs no pass of its own.
+FINITE_CODECS: tuple[str, ...] = ("int8", "prune50+int8") + TERNARY_CODECS
 
 # One absmean scale per matrix. Measured (docs/bundle-format.md, "Choosing the ternary scale"):
 # per-block-of-rows scales barely change the reconstruction error of expert matrices, and their
@@ -295,6 +298,16 @@ def _f32(buf: _Buffer, offset: int, count: int) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(buf, dtype=np.float32, count=count, offset=offset).copy())
 
 
+def _scales(e: EncodedRecord, buf: _Buffer, offset: int, count: int, bound: float) -> torch.Tensor:
+    """(count,) scales; CodecError unless ``bound`` (the largest |value| they multiply) times each is
+    finite, so that every decoded weight is."""
+    s = _f32(buf, offset, count)
+    if not bool(torch.isfinite(s * bound).all()):
+        raise CodecError(f"tensor {e.name!r}: a scale is not finite, or {bound:g} times it overflows: "
+                         f"the payload is corrupt")
+    return s
+
+
 # ----------------------------------------------------------------------------- encode / decode
 
 def _encode_values(name: str, w: torch.Tensor, keep: torch.Tensor | None, values: str) -> tuple[bytes, dict]:
@@ -395,14 +408,14 @@ def _decode_values(e: EncodedRecord, buf: _Buffer, spec: _Spec, rows: int, cols:
         vals = torch.frombuffer(buf, dtype=torch.float16, count=n if pos is None else n - n // 2, offset=at)
         return vals.float() if pos is None else _gather_kept(pos, vals.float())
     if spec.values == "int8":
-        s = _f32(buf, at, rows)
+        s = _scales(e, buf, at, rows, 127.0)
         q = _read_only(buf, torch.int8, n if pos is None else n - n // 2, at + 4 * rows)
         if pos is not None:
             q = _gather_kept(pos, q)
         # int8 -> float32 is exact, so float(q) * s rounds once, as q * s does; a same-dtype
         # in-place multiply is vectorised, the mixed-dtype one is not (~2x slower)
         return q.view(rows, cols).float().mul_(s[:, None]).view(-1)
-    s = _f32(buf, 0, groups)
+    s = _scales(e, buf, 0, groups, 1.0)
     scale = float(s[0]) if groups == 1 else 1.0  # one scale: fold it into the lookup table
     if spec.values == "ternary":
         out = unpack_trits(buf, 4 * groups, n, scale)

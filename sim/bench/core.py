@@ -65,6 +65,10 @@ class BenchConfig:
     score_requests: int = 12
     score_chars: int = 1500
     mixture_requests: int = 6
+    scaling_presets: tuple[str, ...] = ("tiny", "small")  # presets of the scaling sweep
+    scaling_nodes: tuple[int, ...] = (32, 128, 512, 1024)  # federation sizes of the scaling sweep
+    scaling_min_free_gib: float = 3.0  # a scaling run is stopped when the machine has less available
+    scaling_plot: str = ""  # where the scaling sweep draws its figure ("": nowhere)
     seed: int = 0
     sweep_codecs: tuple[str, ...] = ("int8", "ternary")  # the points of the sweep benchmark
 
@@ -82,6 +86,11 @@ class BenchConfig:
                     "baseline_nodes_per_actor", "packing_rounds"):
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         need(bool(self.packings) and min(self.packings) >= 1, "packings", f"must be >= 1 each, got {self.packings}")
+        need(bool(self.scaling_presets) and all(p in PRESETS for p in self.scaling_presets), "scaling_presets",
+             f"must name presets among {', '.join(PRESETS)}, got {self.scaling_presets}")
+        need(bool(self.scaling_nodes) and all(4 <= n <= 4096 for n in self.scaling_nodes), "scaling_nodes",
+             f"must be 4..4096 each, got {self.scaling_nodes}")
+        need(self.scaling_min_free_gib >= 0, "scaling_min_free_gib", f"must be >= 0, got {self.scaling_min_free_gib}")
         need(4 <= self.nodes <= 4096, "nodes", f"must be 4..4096 (two specialists and two base nodes at least), "
                                                f"got {self.nodes}")
         need(50 <= self.score_chars <= 30_000, "score_chars", f"must be 50..30000, got {self.score_chars}")
@@ -95,7 +104,8 @@ class BenchConfig:
         """
         return BenchConfig(decode_shape="tiny", decode_codecs=("int8",), repeats=2, ship_repeats=2, preset="tiny",
                            nodes=4, nodes_per_actor=2, baseline_nodes_per_actor=4, score_requests=3, score_chars=400,
-                           mixture_requests=2, packings=(2,), packing_rounds=1)
+                           mixture_requests=2, packings=(2,), packing_rounds=1, scaling_presets=("tiny",),
+                           scaling_nodes=(4, 8))
 
 
 def median_of(rounds: int, *fns: Callable[[], float]) -> list[float]:

@@ -19,6 +19,8 @@ Value and baseline are the medians of their interleaved rounds. What Ray and gRP
                     (run only when named: one federation per packing and round, minutes)
     memory          memory per simulated node (actor RSS / nodes) vs one bare Ray actor importing torch
     mixture         Score over a K-node mixture vs a mixture of one node (latency)
+    scaling         whole `sim.run`s at each size and preset: wall time and peak memory of the run's
+                    processes vs the smallest size (run only when named: tens of minutes)
     sweep           wall seconds per sim.sweep point, models and Ray shared vs nothing shared, and the
                     sweep's own overhead per point (run only when named: the sweep's points, twice)
 """
@@ -57,7 +59,7 @@ class Benchmark:
 
 def registry() -> dict[str, Benchmark]:
     """Every benchmark by name, in the order they run."""
-    from . import federation, sweep, wire
+    from . import federation, scaling, sweep, wire
 
     items = [
         Benchmark("decode", "bundle verify+decode vs a plain copy of the decoded tensors", wire.decode),
@@ -70,6 +72,8 @@ def registry() -> dict[str, Benchmark]:
                   federation.packing_sweep, default=False),
         Benchmark("memory", "memory per simulated node vs one bare Ray actor importing torch",
                   federation.memory),
+        Benchmark("scaling", "wall time and peak memory of whole sim.runs by size (only when named)",
+                  scaling.scaling, default=False),
         Benchmark("score", "Federation.Score throughput vs the same model in-process",
                   federation.score),
         Benchmark("mixture", "latency of a K-node mixture vs one node", federation.mixture),
@@ -151,6 +155,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             changes["packings"] = tuple(int(k) for k in args.packings.split(",") if k.strip())
         except ValueError:
             raise BenchError(f"packings: must be comma-separated integers, got {args.packings!r}") from None
+    for key, conv in (("scaling_nodes", int), ("scaling_presets", str)):
+        text = getattr(args, key)
+        if text:
+            try:
+                changes[key] = tuple(conv(k.strip()) for k in text.split(",") if k.strip())
+            except ValueError:
+                raise BenchError(f"{key}: must be comma-separated, got {text!r}") from None
+    if args.min_free_gib is not None:
+        changes["scaling_min_free_gib"] = args.min_free_gib
+    if args.plot:
+        changes["scaling_plot"] = args.plot
     if args.codecs:
         changes["decode_codecs"] = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
     return dataclasses.replace(cfg, **changes)
@@ -181,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--packing-rounds", type=int, help="rounds of the packing sweep (default 2)")
     ap.add_argument("--decode-shape", help="model shape of the decode/ship bundles (default 30m; quick: tiny)")
     ap.add_argument("--codecs", help="comma-separated expert codecs of the decode benchmark (default int8,ternary)")
+    ap.add_argument("--scaling-nodes", help="comma-separated sizes of the scaling sweep (default 32,128,512,1024)")
+    ap.add_argument("--scaling-presets", help="comma-separated presets of the scaling sweep (default tiny,small)")
+    ap.add_argument("--min-free-gib", type=float,
+                    help="stop a scaling run when the machine has less memory available (default 3)")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw the scaling sweep's figure there")
     ap.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads of this process (default 1)")
     args = ap.parse_args(argv)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from model.codec_throughput import codec_throughput
 from model.codecs import (
     CODECS,
+    FINITE_CODECS,
     CodecError,
     EncodedTensor,
     codec_sizes,
@@ -367,3 +369,19 @@ def test_qat_refuses_bad_arguments():
         ternary_qat(model, batch, steps=-1, lr=1e-3, seed=0)
     with pytest.raises(CodecError, match="lr"):
         ternary_qat(model, batch, steps=1, lr=0.0, seed=0)
+
+
+@pytest.mark.parametrize("codec", FINITE_CODECS)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 3e38])
+def test_codecs_that_promise_finite_weights_refuse_a_scale_that_breaks_the_promise(codec, bad):
+    """int8 and ternary payloads start their values with float32 scales; a scale that is not finite
+    (or would overflow once multiplied by the largest value) is refused, so that the node need not
+    check every decoded weight (node.assembly skips those codecs' tensors)."""
+    e = encode_tensor("w", random_tensor((8, 10), 1, 1.0), codec)
+    at = math.ceil(80 / 8) if codec == "prune50+int8" else 0  # the pruning mask comes first
+    payload = e.payload[:at] + struct.pack("<f", bad) + e.payload[at + 4:]
+    if codec in ("int8", "prune50+int8") or bad != 3e38:  # a trit is at most 1: 3e38 is a fine ternary scale
+        with pytest.raises(CodecError, match="scale is not finite"):
+            decode_tensor(EncodedTensor(e.name, e.codec, e.shape, payload, e.meta))
+    else:
+        assert bool(torch.isfinite(decode_tensor(EncodedTensor(e.name, e.codec, e.shape, payload, e.meta))).all())

@@ -4,6 +4,7 @@ arithmetic and CLI behave, and the packing helpers of sim.federation keep every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -171,3 +172,52 @@ def test_what_ray_and_grpc_print_goes_to_the_log_and_the_rows_to_the_console(tmp
     assert run.returncode == 0, run.stderr
     assert run.stdout == "row\n" and run.stderr == ""
     assert log.read_text().splitlines() == ["raylet noise", "grpc noise"]
+
+
+# ---- the scaling sweep's parts --------------------------------------------------------------
+
+def test_process_tree_finds_a_grandchild_and_its_memory() -> None:
+    from sim.actors import process_memory
+    from sim.bench.scaling import process_tree
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
+            "print(p.pid, flush=True); time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        grandchild = int(child.stdout.readline())
+        tree = process_tree(child.pid)
+        assert tree[0] == child.pid and grandchild in tree and os.getpid() not in tree
+        assert process_memory(grandchild)["pss_bytes"] > 0
+    finally:
+        child.kill()
+        child.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, 9)
+
+
+def _row(preset: str, nodes: int, wall: float, pss_gib: float, stopped: str = "") -> dict:
+    gib = 1024 ** 3
+    return {"preset": preset, "nodes": nodes, "wall_s": wall, "peak_pss_bytes": pss_gib * gib,
+            "peak_rss_bytes": 2 * pss_gib * gib, "phases": {"nodes_up_and_loaded": wall / 2}, "stopped": stopped}
+
+
+def test_scaling_results_compare_each_size_with_the_smallest_and_keep_what_was_not_measured(tmp_path) -> None:
+    from sim.bench.scaling import plot, results
+    rows = [_row("tiny", 32, 10.0, 1.0), _row("tiny", 128, 25.0, 1.5),
+            _row("small", 32, 40.0, 3.0), {"preset": "small", "nodes": 128, "stopped": "available memory fell"}]
+    got = {r.name: r for r in results(rows)}
+    assert set(got) == {"scaling_tiny_32_wall", "scaling_tiny_32_memory", "scaling_tiny_128_wall",
+                        "scaling_tiny_128_memory", "scaling_small_32_wall", "scaling_small_32_memory"}
+    assert got["scaling_tiny_128_wall"].ratio == pytest.approx(2.5)
+    assert got["scaling_tiny_128_memory"].value == pytest.approx(1.5) and got["scaling_tiny_32_wall"].ratio == 1.0
+    assert [m["nodes"] for m in got["scaling_small_32_wall"].detail["not_measured"]] == [128]
+    plot(rows, tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scaling_sizes_are_checked() -> None:
+    with pytest.raises(BenchError, match="^scaling_nodes:"):
+        BenchConfig(scaling_nodes=(2,))
+    with pytest.raises(BenchError, match="^scaling_presets:"):
+        BenchConfig(scaling_presets=("huge",))
