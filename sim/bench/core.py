@@ -69,6 +69,7 @@ class BenchConfig:
     scaling_nodes: tuple[int, ...] = (32, 128, 512, 1024)  # federation sizes of the scaling sweep
     scaling_min_free_gib: float = 3.0  # a scaling run is stopped when the machine has less available
     scaling_plot: str = ""  # where the scaling sweep draws its figure ("": nowhere)
+    scaling_lock: str = ""  # a file each scaling run holds a flock on while it runs ("": none)
     seed: int = 0
     sweep_codecs: tuple[str, ...] = ("int8", "ternary")  # the points of the sweep benchmark
 

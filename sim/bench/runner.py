@@ -166,6 +166,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         changes["scaling_min_free_gib"] = args.min_free_gib
     if args.plot:
         changes["scaling_plot"] = args.plot
+    if args.lock:
+        changes["scaling_lock"] = args.lock
     if args.codecs:
         changes["decode_codecs"] = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
     return dataclasses.replace(cfg, **changes)
@@ -201,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-free-gib", type=float,
                     help="stop a scaling run when the machine has less memory available (default 3)")
     ap.add_argument("--plot", metavar="FILE.png", help="draw the scaling sweep's figure there")
+    ap.add_argument("--lock", metavar="FILE",
+                    help="each scaling run holds a flock on FILE while it runs (e.g. /tmp/heavy.lock)")
     ap.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads of this process (default 1)")
     args = ap.parse_args(argv)

@@ -15,6 +15,7 @@ the reason. Each result compares a size with the smallest one of its preset (``r
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -126,17 +127,45 @@ def _stop(proc: subprocess.Popen, tree: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def holding(lock: str):
+    """Hold an exclusive ``flock`` on the file ``lock`` (created if need be) while the block runs;
+    nothing when ``lock`` is "". The same lock as ``flock(1)``: heavy jobs of a shared machine queue on it."""
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def sweep(presets: tuple[str, ...], sizes: tuple[int, ...], out: Path, *, seed: int = 0,
-          min_free_gib: float = 3.0, progress=None) -> list[dict]:
-    """Every preset at every size, smallest first, one run at a time; a preset stops at its first failure."""
+          min_free_gib: float = 3.0, warmup: bool = True, lock: str = "", progress=None) -> list[dict]:
+    """Every preset at every size, smallest first, one run at a time; a preset stops at its first failure.
+
+    ``warmup``: a 4-node run of each preset first, not reported, so that no measured run trains the
+    preset's models (or reads them from a cold disk). ``lock``: a file each run holds a ``flock`` on
+    (and only while it runs), so that other heavy jobs on the machine never overlap a measured run.
+    """
     rows: list[dict[str, Any]] = []
+
+    def once(preset: str, n: int, name: str) -> dict[str, Any]:
+        with holding(lock):
+            return run_once(preset, n, out / name, seed=seed, min_free_gib=min_free_gib)
+
     for preset in presets:
         failed = ""
+        if warmup:
+            warm = once(preset, 4, f"{preset}-warmup")
+            failed = warm["stopped"] and f"the warm-up run failed ({warm['stopped']})"
         for n in sorted(sizes):
             if failed:
-                rows.append({"preset": preset, "nodes": n, "stopped": f"not run: {failed} at a smaller size"})
+                rows.append({"preset": preset, "nodes": n, "stopped": f"not run: {failed} before it"})
             else:
-                rows.append(run_once(preset, n, out / f"{preset}-{n}", seed=seed, min_free_gib=min_free_gib))
+                rows.append(once(preset, n, f"{preset}-{n}"))
                 failed = rows[-1]["stopped"]
             if progress:
                 progress(rows[-1])
@@ -198,6 +227,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _print_row(row: dict) -> None:
+    """One line on the console (sys.stderr stays there while the noise goes to the log) per run."""
+    what = row["stopped"] or (f"{row['wall_s']:.1f} s, peak PSS {row['peak_pss_bytes'] / GIB:.2f} GiB, "
+                              f"RSS {row['peak_rss_bytes'] / GIB:.2f} GiB")
+    print(f"scaling {row['preset']} {row['nodes']} nodes: {what}", file=sys.stderr, flush=True)
+
+
 async def scaling(ctx) -> list[BenchResult]:
     """The `scaling` benchmark: the sweep of ``ctx.config`` (its plot, when ``scaling_plot`` is set)."""
     import asyncio
@@ -205,7 +241,8 @@ async def scaling(ctx) -> list[BenchResult]:
     cfg = ctx.config
     out = ctx.tmpdir("scaling")
     rows = await asyncio.get_running_loop().run_in_executor(None, lambda: sweep(
-        cfg.scaling_presets, cfg.scaling_nodes, out, seed=cfg.seed, min_free_gib=cfg.scaling_min_free_gib))
+        cfg.scaling_presets, cfg.scaling_nodes, out, seed=cfg.seed, min_free_gib=cfg.scaling_min_free_gib,
+        lock=cfg.scaling_lock, progress=_print_row))
     if cfg.scaling_plot:
         plot(rows, Path(cfg.scaling_plot))
     got = results(rows)
