@@ -249,3 +249,59 @@ async def scaling(ctx) -> list[BenchResult]:
     if not got:
         raise BenchError("scaling: no size could be measured: " + "; ".join(r["stopped"] for r in rows))
     return got
+
+
+def rows_from_saved(paths: list[str]) -> list[dict]:
+    """The runs kept in `sim.bench scaling --save` files: measured ones and those not measured."""
+    rows: list[dict] = []
+    for path in paths:
+        try:
+            saved = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"{path}: not a saved benchmark list ({exc})") from None
+        for r in saved:
+            if r.get("name", "").startswith("scaling_") and r["name"].endswith("_wall"):
+                rows.append({k: v for k, v in r["detail"].items() if k != "not_measured"})
+                rows += r["detail"].get("not_measured", [])
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of the runs (docs/performance.md)."""
+    lines = ["| preset | nodes | actors | whole run | nodes up and loaded | workload | peak PSS | peak RSS "
+             "| bundle bytes |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["stopped"]:
+            lines.append(f"| {r['preset']} | {r['nodes']} | | {r['stopped']} | | | | | |")
+            continue
+        p = r["phases"]
+        lines.append(f"| {r['preset']} | {r['nodes']} | {r['actors']} | {r['wall_s']:.1f} s "
+                     f"| {p['nodes_up_and_loaded']:.1f} s | {p['workload']:.1f} s "
+                     f"| {r['peak_pss_bytes'] / GIB:.2f} GiB | {r['peak_rss_bytes'] / GIB:.2f} GiB "
+                     f"| {r['bytes_total'] / 1e9:.2f} GB |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sim.bench.scaling SAVED.json ... [--plot FILE.png]`: the table (and figure) of saved sweeps."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m sim.bench.scaling",
+                                 description="The table and the figure of scaling sweeps saved by "
+                                             "`python -m sim.bench scaling --save FILE.json`.")
+    ap.add_argument("saved", nargs="+", metavar="SAVED.json")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw the figure there")
+    args = ap.parse_args(argv)
+    try:
+        rows = rows_from_saved(args.saved)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.plot:
+        plot(rows, Path(args.plot))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

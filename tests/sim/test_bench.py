@@ -221,3 +221,21 @@ def test_scaling_sizes_are_checked() -> None:
         BenchConfig(scaling_nodes=(2,))
     with pytest.raises(BenchError, match="^scaling_presets:"):
         BenchConfig(scaling_presets=("huge",))
+
+
+def test_saved_sweeps_give_back_their_runs_as_a_table_and_a_figure(tmp_path) -> None:
+    from sim.bench.scaling import main as scaling_main
+    from sim.bench.scaling import results
+    rows = [_row("tiny", 32, 10.0, 1.0), _row("tiny", 128, 25.0, 1.5),
+            {"preset": "tiny", "nodes": 512, "stopped": "available memory fell below 3 GiB"}]
+    for r in rows[:2]:
+        r.update(actors=4, bytes_total=2e8, phases={"nodes_up_and_loaded": 5.0, "workload": 1.0})
+    saved = tmp_path / "s.json"
+    saved.write_text(json.dumps([r.as_dict() for r in results(rows)]))
+    out = subprocess.run([sys.executable, "-m", "sim.bench.scaling", str(saved), "--plot", str(tmp_path / "f.png")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 + 3 and "| tiny | 128 | 4 | 25.0 s | 5.0 s |" in lines[3]
+    assert "available memory fell below 3 GiB" in lines[4] and (tmp_path / "f.png").exists()
+    assert scaling_main([str(tmp_path / "missing.json")]) == 2
