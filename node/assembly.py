@@ -358,11 +358,17 @@ def decode_records(bundle: Bundle, *, name: str, sha256: bytes, size: int, model
                          model=model, codec=codec)
 
 
-def decode_bundle(data: bytes, *, name: str, model: str = "", codec: str = "") -> DecodedBundle:
-    """Verify (all or nothing) and decode a whole bundle held in memory; AssemblyError on any fault."""
+def decode_bundle(data: bytes, *, name: str, model: str = "", codec: str = "",
+                  sha256: bytes | None = None) -> DecodedBundle:
+    """Verify (all or nothing) and decode a whole bundle held in memory; AssemblyError on any fault.
+
+    ``sha256``: the bundle's identity when the caller was given it (a coordinator's ``BundleRef``, a
+    store's record), as a node is; otherwise it is computed here, a second pass over every byte
+    (verifying needs only the per-tensor digests, which cover every byte once).
+    """
     try:
         bundle = read_bundle_verified([data], allowed_codecs=CODECS)
     except BundleError as exc:
         raise AssemblyError(f"bundle {name!r}: {exc}") from None
-    return decode_records(bundle, name=name, sha256=hashlib.sha256(data).digest(), size=len(data),
+    return decode_records(bundle, name=name, sha256=sha256 or hashlib.sha256(data).digest(), size=len(data),
                           model=model, codec=codec)

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import struct
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from node_support import TINY, decoded, log_softmax_next, random_adapter, tiny_model
+from node_support import TINY, bundle_bytes, decoded, log_softmax_next, random_adapter, tiny_model
 
+from model.codecs import encode_state_dict, fake_quantise
 from model.fractal_moe import build_model, expert_of
 from node.adapters import encode_adapter
-from node.assembly import AssemblyError, WeightStore, pack_mask, unpack_mask
+from node.assembly import AssemblyError, WeightStore, decode_bundle, pack_mask, unpack_mask
 from node.errors import InstallFailed
 from node.runtime import VirtualNode
+from proto.bundle import encode_bundle
 
 MODEL = tiny_model(3)
 IDS = torch.randint(0, TINY.vocab_size, (48,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -127,3 +131,27 @@ def test_assemble_refuses_mixed_shapes():
     with pytest.raises(AssemblyError, match="another model shape"):
         store.acquire([decoded("a", other), decoded("b", wide)])
     assert store.stats()["bundles"] == 0
+
+
+@pytest.mark.parametrize("codec", ["int8", "ternary", "fp16"])
+def test_a_decoded_bundle_is_the_model_and_carries_the_identity_given_or_computed(codec):
+    data = bundle_bytes(MODEL, expert_codec=codec, other_codec="fp16")
+    computed = decode_bundle(data, name="b")
+    given_ = decode_bundle(data, name="b", sha256=b"\x07" * 32)
+    assert computed.sha256 == hashlib.sha256(data).digest() and given_.sha256 == b"\x07" * 32
+    sd = MODEL.state_dict()
+    for k, t in computed.tensors.items():  # the same bits either way: what the codec's arithmetic gives
+        want = fake_quantise(sd[k], codec if expert_of(k) is not None else "fp16")
+        assert torch.equal(t, given_.tensors[k]) and torch.equal(t, want)
+
+
+def test_an_int8_bundle_with_an_infinite_scale_is_refused_before_install():
+    """The bundle's digests are right (it was written that way): only the codec's scale check objects,
+    since assembly no longer sums int8 weights to find non-finite ones."""
+    records = encode_state_dict(MODEL.state_dict(), expert_codec="int8", other_codec="fp16")
+    i = next(i for i, r in enumerate(records) if r.codec == "int8")
+    r = records[i]
+    records[i] = dataclasses.replace(r, payload=struct.pack("<f", float("inf")) + r.payload[4:])
+    data = encode_bundle(records, {"model": "base", "model_config": dataclasses.asdict(MODEL.cfg)})
+    with pytest.raises(AssemblyError, match="scale is not finite"):
+        decode_bundle(data, name="b")
