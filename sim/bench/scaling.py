@@ -146,8 +146,9 @@ def sweep(presets: tuple[str, ...], sizes: tuple[int, ...], out: Path, *, seed: 
           min_free_gib: float = 3.0, warmup: bool = True, lock: str = "", progress=None) -> list[dict]:
     """Every preset at every size, smallest first, one run at a time; a preset stops at its first failure.
 
-    ``warmup``: a 4-node run of each preset first, not reported, so that no measured run trains the
-    preset's models (or reads them from a cold disk). ``lock``: a file each run holds a ``flock`` on
+    ``warmup``: a run of each preset at the smallest size first, not reported, so that no measured
+    run trains the preset's models (a Soup-of-Experts bank is built only from 16 nodes on) or reads
+    them from a cold disk. ``lock``: a file each run holds a ``flock`` on
     (and only while it runs), so that other heavy jobs on the machine never overlap a measured run.
     """
     rows: list[dict[str, Any]] = []
@@ -159,7 +160,7 @@ def sweep(presets: tuple[str, ...], sizes: tuple[int, ...], out: Path, *, seed: 
     for preset in presets:
         failed = ""
         if warmup:
-            warm = once(preset, 4, f"{preset}-warmup")
+            warm = once(preset, min(sizes), f"{preset}-warmup")
             failed = warm["stopped"] and f"the warm-up run failed ({warm['stopped']})"
         for n in sorted(sizes):
             if failed:
