@@ -7,12 +7,13 @@ the library itself imports nothing else of ours.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, get_preset
+from .config import GATES, PRESETS, ConfigError, get_preset
 from .fractal_moe import build_model, expert_of, is_norm_param
 
 
@@ -67,13 +68,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train or load every model of a preset and write DIR/metrics.json."""
     from .pipeline import Suite
 
-    suite = Suite(args.preset, args.seed, use_cache=not args.no_cache, corpus_dir=args.corpus,
+    preset = get_preset(args.preset)
+    if args.gate is not None:  # the same preset with another expert gate: to compare regimes
+        preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, gate=args.gate))
+    suite = Suite(preset, args.seed, use_cache=not args.no_cache, corpus_dir=args.corpus,
                   pretrain_corpus=args.corpus_pretrain, device=args.device)
     t0 = time.perf_counter()
     suite.build_all()
     reliance = suite.reliance()
     metrics = {"preset": suite.preset.name, "seed": args.seed, "device": suite.device.type,
-               "pretrained_on": list(suite.pretrain), "models": suite.evaluate_all(),
+               "gate": suite.preset.model.gate, "pretrained_on": list(suite.pretrain), "models": suite.evaluate_all(),
                "expert_reliance": reliance["texts"], "expert_usage_divergence": reliance["usage_divergence"],
                "timings": suite.timings, "wall_seconds": round(time.perf_counter() - t0, 2)}
     if args.codecs:
@@ -133,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="where training and evaluation run (default cpu; auto takes CUDA when present)")
     t.add_argument("--no-cache", action="store_true", help="retrain even when the cache has the weights")
+    t.add_argument("--gate", choices=list(GATES), default=None,
+                   help="how a chosen expert's output is scaled: unit (the presets' default: experts carry "
+                        "what the model knows) or prob (the Switch Transformer's router probability)")
     t.add_argument("--codecs", action="store_true", help="also measure the perplexity under every codec")
     e = sub.add_parser("export", help="write a bundle of the trained base model")
     e.add_argument("--preset", default="small", choices=list(PRESETS))

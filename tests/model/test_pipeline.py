@@ -186,3 +186,19 @@ def test_train_cli_writes_expert_reliance(tmp_path):
         assert {"median_ratio", "max_ratio"} <= set(r["drop_one"]) and len(r["routing_entropy_bits"]) == 4
     assert len(metrics["expert_usage_divergence"]["jsd_bits"]) == 4
     assert "zlib_bpc" in metrics["models"]["base"][corpora.REFERENCE]
+
+
+def test_unit_gate_makes_the_experts_load_bearing(tmp_path):
+    """The same preset, data and steps with the two gates: zeroing every expert costs more, on every
+    pretraining text, with the unit gate than with the router-probability gate (issue 13's regime)."""
+    ratios = {}
+    for gate in ("unit", "prob"):
+        out = tmp_path / gate
+        r = subprocess.run([sys.executable, "-m", "model", "train", "--preset", "tiny", "--gate", gate,
+                            "--out", str(out)], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["gate"] == gate
+        ratios[gate] = {t: v["zeroed_ratio"] for t, v in metrics["expert_reliance"].items()}
+    assert set(ratios["unit"]) == set(ratios["prob"])
+    assert all(ratios["unit"][t] > ratios["prob"][t] for t in ratios["unit"]), ratios
