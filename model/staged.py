@@ -116,3 +116,13 @@ def staged_forward(model: FractalMoE, idx: torch.Tensor, available: torch.Tensor
 def run_expert(model: FractalMoE, block: int, expert: int, inputs: torch.Tensor) -> torch.Tensor:
     """Expert ``expert`` of block ``block`` on ``inputs`` (n, C): its output (n, C), before the gate."""
     return model.blocks[block].moe.experts[expert](inputs)  # type: ignore[union-attr, index, operator]
+
+
+def expert_from_weights(tensors: Mapping[str, torch.Tensor], block: int, expert: int,
+                        inputs: torch.Tensor) -> torch.Tensor:
+    """Expert ``expert`` of block ``block`` on ``inputs`` (n, C), from its two matrices by parameter name
+    (``tensors`` holds at least ``blocks.{b}.moe.experts.{e}.fc1.weight`` (F, C) and ``.fc2.weight`` (C, F)):
+    what ``Expert.forward`` computes, without a module. Output (n, C), before the gate."""
+    prefix = f"blocks.{block}.moe.experts.{expert}."
+    with torch.no_grad():
+        return F.linear(F.gelu(F.linear(inputs, tensors[prefix + "fc1.weight"])), tensors[prefix + "fc2.weight"])

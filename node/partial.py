@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from model.fractal_moe import expert_of
-from model.staged import Answer, Miss, run_expert, staged_forward
+from model.staged import Answer, Miss, expert_from_weights, run_expert, staged_forward
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.bundle import Bundle, Manifest, TensorRecord
@@ -315,6 +315,7 @@ class PartialExperts:
 
     async def _resolve(self, miss: Miss, rec: RequestRecord, needed: set[tuple[int, int]]) -> Answer:
         outputs: dict[int, torch.Tensor] = {}
+        fetched: dict[tuple[int, int], DecodedBundle] = {}
         sub = False
         for e in miss.missing:
             how = self._choose(miss, e)
@@ -335,23 +336,24 @@ class PartialExperts:
                                         grpc.StatusCode.DATA_LOSS)
                 outputs[e] = torch.from_numpy(out.copy()).view_as(rows)
                 rec.remote.append((miss.block, e, len(hidden), len(reply.output)))
-            else:
+            else:  # wait: fetch now, run the fetched weights; installed below, one swap for the block
                 cost = RangeFetch()
                 key = (miss.block, e)
                 try:
                     piece = await self._fetch(key, cost)
                 except FetchError as exc:
                     raise InstallFailed(str(exc), exc.code) from None
-                pieces = dict(self.pieces)
+                fetched[key] = piece
+                self.bytes_on_demand += cost.payload_bytes
+                rec.fetched.append((miss.block, e, cost.payload_bytes))
+                outputs[e] = await self.node._submit(expert_from_weights, piece.tensors, miss.block, e, rows)
+        if fetched:
+            pieces = dict(self.pieces)
+            for key, piece in fetched.items():
                 pieces[key] = piece
                 while not self._fits([x for x in pieces if x is not None]):
                     del pieces[self._victim(pieces, keep=needed, new=key)]
-                await self._swap(pieces)
-                self.bytes_on_demand += cost.payload_bytes
-                rec.fetched.append((miss.block, e, cost.payload_bytes))
-                served = self.node.served
-                assert served is not None
-                outputs[e] = await self.node._submit(expert_output, served.module, miss.block, e, rows)
+            await self._swap(pieces)
         return Answer(outputs=outputs, available=self._row(miss.block) if sub else None)
 
     def _row(self, block: int) -> torch.Tensor:

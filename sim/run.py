@@ -26,7 +26,7 @@ from model.corpora import CorpusError
 from model.pipeline import Suite
 from proto.ids import is_valid_id
 
-from . import codec_quality, faults, network, prefetch_sweep, regime, soup
+from . import codec_quality, faults, network, prefetch_live, prefetch_sweep, regime, soup
 from .actors import RayStartError
 from .console import noise_to
 from .federation import FederationError, LocalFederation
@@ -39,7 +39,7 @@ from .workload import Driver
 log = logging.getLogger("sim.run")
 # The optional parts a scenario can switch on, in the order they run after the workload; each adds its
 # own section to the report.
-LIVE_PARTS: tuple[LivePart, ...] = (prefetch_sweep.LIVE_PART, faults.LIVE_PART)
+LIVE_PARTS: tuple[LivePart, ...] = (prefetch_sweep.LIVE_PART, prefetch_live.LIVE_PART, faults.LIVE_PART)
 
 
 def new_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool = True) -> Suite:

@@ -153,9 +153,31 @@ class PrefetchSection:
     history_requests: int = 8  # per user, from their training text: what the predictors have seen before
     step_ms: float = 20.0  # compute per step (prefill, then each token), virtual milliseconds
     lead_s: float = 60.0  # how early predictors that plan ahead ship before a request, virtual seconds
+    # live prefetching (issue 16): partial nodes fed by the coordinator's planner, one per policy x budget
+    live: bool = False
+    live_budgets: list[int] = field(default_factory=lambda: [4, 8])  # experts per block
+    live_budget_bytes: list[int] = field(default_factory=list)  # expert payload bytes over all blocks
+    live_policies: list[str] = field(default_factory=lambda: ["substitute", "wait", "remote", "auto"])
+    live_predictor: str = "user"
 
     def validate(self) -> None:
         """Raise ScenarioError on out-of-range values."""
+        live_predictors = ("global", "user", "lru", "lfu", "random")  # coordinator.prefetch_live.LIVE_PREDICTORS
+        _check(self.live_predictor in live_predictors, "prefetch.live_predictor",
+               f"must be one of {', '.join(live_predictors)} (the predictors that plan ahead), "
+               f"got {self.live_predictor!r}")
+        for b in self.live_budgets:
+            _check(1 <= b <= 16, "prefetch.live_budgets", f"each budget is 1..16 experts per block, got {b}")
+        for b in self.live_budget_bytes:
+            _check(b >= 1, "prefetch.live_budget_bytes", f"each budget is a positive byte count, got {b}")
+        for p in self.live_policies:
+            _check(p in ("wait", "substitute", "remote", "auto"), "prefetch.live_policies",
+                   f"unknown policy {p!r}; choose from wait, substitute, remote, auto")
+        for key in ("live_budgets", "live_budget_bytes", "live_policies"):
+            values = getattr(self, key)
+            _check(len(set(values)) == len(values), f"prefetch.{key}", "has duplicates")
+        _check(not self.live or (bool(self.live_budgets or self.live_budget_bytes) and bool(self.live_policies)),
+               "prefetch.live", "needs at least one budget (live_budgets or live_budget_bytes) and one policy")
         for b in self.budgets:
             _check(1 <= b <= 16, "prefetch.budgets", f"each budget is 1..16 experts per block, got {b}")
         _check(len(set(self.budgets)) == len(self.budgets), "prefetch.budgets", "has duplicates")

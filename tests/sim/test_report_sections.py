@@ -9,7 +9,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from sim import faults, prefetch_sweep
+from sim import faults, prefetch_live, prefetch_sweep
 from sim.report import write_report
 from sim.run import LIVE_PARTS, live_parts
 from sim.scenario import Scenario, override
@@ -76,9 +76,10 @@ def test_the_renderer_names_no_optional_part():
 def test_live_parts_run_only_when_the_scenario_asks_and_in_order():
     scn = Scenario().validate()
     assert live_parts(scn) is None
-    assert [p.name for p in LIVE_PARTS] == ["prefetch", "faults"]
+    assert [p.name for p in LIVE_PARTS] == ["prefetch", "prefetch_live", "faults"]
     assert prefetch_sweep.wanted(override(scn, "prefetch", predictors=["oracle"], budgets=[8]))
     assert not prefetch_sweep.wanted(scn)
+    assert prefetch_live.wanted(override(scn, "prefetch", live=True)) and not prefetch_live.wanted(scn)
     for key, value in (("kill_nodes", 1), ("cut_stream_at", 0.5), ("corrupt_chunks", 1), ("restart_coordinator", True)):
         assert faults.wanted(override(scn, "faults", **{key: value})), key
     assert not faults.wanted(scn)

@@ -47,3 +47,10 @@ def test_a_prefetch_sweep_is_shipped():
     assert sweeps
     assert any(s.prefetch.budgets and max(s.prefetch.budgets) == 16 and 8 in s.prefetch.budgets
                and "oracle" in s.prefetch.predictors for s in sweeps)
+
+
+def test_a_live_prefetch_is_shipped():
+    """Issue 16: scenarios/prefetch_live.toml runs partial nodes for every miss policy at half the experts."""
+    scn = load(Path(__file__).resolve().parents[2] / "scenarios" / "prefetch_live.toml")
+    assert scn.prefetch.live and 8 in scn.prefetch.live_budgets
+    assert set(scn.prefetch.live_policies) == {"wait", "substitute", "remote", "auto"}
