@@ -242,11 +242,16 @@ class _Flow:
 _RESERVED = frozenset({"kind", "node", "bytes", "start", "end", "src", "dst", "first_byte", "id"})
 
 
-def max_min_rates(demands: Mapping[int, tuple[str, ...]], capacity: Mapping[str, float]) -> dict[int, float]:
+def max_min_rates(demands: Mapping[int, tuple[str, ...]], capacity: Mapping[str, float],
+                  weights: Mapping[int, int] | None = None) -> dict[int, float]:
     """Max-min fair rates by water-filling: each flow (id -> resources it crosses) gets bits/s.
 
     All unfrozen flows grow at the same pace until a resource saturates; the flows crossing it freeze.
+    ``weights`` (default 1 each): a flow of weight w stands for w identical flows, each getting the rate
+    returned (so a resource crossed only by it needs w times one flow's capacity); sim.plan groups
+    identical transfers of many schools this way.
     """
+    weight = weights or {}
     rates = dict.fromkeys(demands, 0.0)
     left = dict(capacity)
     unfrozen = set(demands)
@@ -254,7 +259,7 @@ def max_min_rates(demands: Mapping[int, tuple[str, ...]], capacity: Mapping[str,
         users: dict[str, int] = {}
         for f in unfrozen:
             for r in demands[f]:
-                users[r] = users.get(r, 0) + 1
+                users[r] = users.get(r, 0) + weight.get(f, 1)
         step = min(left[r] / n for r, n in users.items())
         for f in unfrozen:
             rates[f] += step

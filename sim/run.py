@@ -209,7 +209,10 @@ def assemble(scn: Scenario, fed: LocalFederation, stats: dict, workload, links) 
                         "median_own_over_base": round(statistics.median(ratios), 4) if ratios else None},
         },
         "requests": {"total": len(workload.requests), "failed": sum(not r["ok"] for r in workload.requests),
-                     "errors": workload.errors[:20], "by_kind": by_kind_lat},
+                     "errors": workload.errors[:20], "by_kind": by_kind_lat,
+                     # every ok request's wall latency by kind: what sim.plan calibrates service times from
+                     "samples_s": {k: sorted(r["wall_s"] for r in workload.requests if r["kind"] == k and r["ok"])
+                                   for k in by_kind_lat}},
         "coordinator_requests": {k: stats[k] for k in ("requests_ok", "requests_failed", "requests_shed",
                                                       "requests_failed_over")},
         "_events": events,

@@ -316,6 +316,12 @@ def _coerce(key: str, value: object, tp: object) -> object:
     raise ScenarioError(f"{key}: unsupported type {tp}")
 
 
+def parse_section(name: str, cls: type, data: object):
+    """An instance of the dataclass ``cls`` from the TOML table ``data`` named ``name``: unknown keys and
+    values of the wrong type are a ScenarioError naming the key (ranges are the section's own ``validate``)."""
+    return _section(name, cls, data)
+
+
 def _section(name: str, cls: type, data: object):
     if not isinstance(data, dict):
         _fail(name, "must be a table")

@@ -70,6 +70,8 @@ class BenchConfig:
     scaling_min_free_gib: float = 3.0  # a scaling run is stopped when the machine has less available
     scaling_plot: str = ""  # where the scaling sweep draws its figure ("": nowhere)
     scaling_lock: str = ""  # a file each scaling run holds a flock on while it runs ("": none)
+    plan_scenario: str = "scenarios/target_215k.toml"  # plan of the `plan` benchmark; "": a 200-school cut of it
+    des_requests: int = 200_000  # requests of the des_loop benchmark (a school day's FIFO queues)
     seed: int = 0
     sweep_codecs: tuple[str, ...] = ("int8", "ternary")  # the points of the sweep benchmark
 
@@ -95,6 +97,7 @@ class BenchConfig:
         need(4 <= self.nodes <= 4096, "nodes", f"must be 4..4096 (two specialists and two base nodes at least), "
                                                f"got {self.nodes}")
         need(50 <= self.score_chars <= 30_000, "score_chars", f"must be 50..30000, got {self.score_chars}")
+        need(100 <= self.des_requests <= 10_000_000, "des_requests", f"must be 100..10000000, got {self.des_requests}")
 
     @staticmethod
     def quick() -> BenchConfig:
@@ -106,7 +109,7 @@ class BenchConfig:
         return BenchConfig(decode_shape="tiny", decode_codecs=("int8",), repeats=2, ship_repeats=2, preset="tiny",
                            nodes=4, nodes_per_actor=2, baseline_nodes_per_actor=4, score_requests=3, score_chars=400,
                            mixture_requests=2, packings=(2,), packing_rounds=1, scaling_presets=("tiny",),
-                           scaling_nodes=(4, 8))
+                           scaling_nodes=(4, 8), plan_scenario="", des_requests=3000)
 
 
 def median_of(rounds: int, *fns: Callable[[], float]) -> list[float]:

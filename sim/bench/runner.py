@@ -23,6 +23,8 @@ Value and baseline are the medians of their interleaved rounds. What Ray and gRP
                     processes vs the smallest size (run only when named: tens of minutes)
     sweep           wall seconds per sim.sweep point, models and Ray shared vs nothing shared, and the
                     sweep's own overhead per point (run only when named: the sweep's points, twice)
+    des_loop        FIFO node queues: the planner's vectorised recursion vs a heapq event loop (and SimPy if installed)
+    plan            sim.plan's week of scenarios/target_215k.toml (wall s) vs a heapq loop at its measured rate
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Benchmark:
 
 def registry() -> dict[str, Benchmark]:
     """Every benchmark by name, in the order they run."""
-    from . import federation, scaling, sweep, wire
+    from . import federation, plan, scaling, sweep, wire
 
     items = [
         Benchmark("decode", "bundle verify+decode vs a plain copy of the decoded tensors", wire.decode),
@@ -79,6 +81,9 @@ def registry() -> dict[str, Benchmark]:
         Benchmark("mixture", "latency of a K-node mixture vs one node", federation.mixture),
         Benchmark("sweep", "per sim.sweep point: shared models and Ray vs nothing shared; overhead (only when named)",
                   sweep.sweep, default=False),
+        Benchmark("des_loop", "FIFO node queues: vectorised recursion vs heapq event loop (vs SimPy if installed)",
+                  plan.des_loop),
+        Benchmark("plan", "sim.plan: the target scenario's week, wall seconds", plan.plan),
     ]
     return {b.name: b for b in items}
 

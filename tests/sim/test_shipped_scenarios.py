@@ -1,11 +1,14 @@
-"""Every scenario file shipped in scenarios/ loads and validates (they are not run here)."""
+"""Every scenario file shipped in scenarios/ loads and validates (they are not run here): sim.run's, and
+sim.plan's (those with a [population] table)."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from sim.plan import config as plan_config
 from sim.scenario import load
 from sim.sweep.grid import build_points, expand, parse_table, read_file
 
@@ -27,7 +30,8 @@ def test_shipped_scenario_validates(path):
         points = build_points(data, expand(*parse_table(table)), {})
         assert len(points) >= 2 and all(p.scenario is not None for p in points), [p.error for p in points]
         return
-    scn = load(path)
+    is_plan = "population" in tomllib.loads(path.read_text())
+    scn = plan_config.load(path) if is_plan else load(path)
     assert scn.name  # a file's stem when it names none
 
 
