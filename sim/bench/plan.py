@@ -70,7 +70,7 @@ def heapq_loop(school: np.ndarray, a: np.ndarray, s: np.ndarray) -> tuple[np.nda
 def simpy_loop(school: np.ndarray, a: np.ndarray, s: np.ndarray) -> np.ndarray | None:
     """The same queues in SimPy (a Resource of capacity 1 per school); None when SimPy is not installed."""
     try:
-        import simpy  # type: ignore[import-not-found]  # not a dependency: measured when present
+        import simpy  # not a dependency: measured when present
     except ImportError:
         return None
     env = simpy.Environment()

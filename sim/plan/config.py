@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..network import NetworkError, resolve_link
-from ..scenario import ScenarioError, parse_section
+from ..scenario import ScenarioError, parse_section, read_toml
 
 MODES = ("star", "relay")
 REQUEST_KINDS = ("score", "generate", "mixture")
@@ -88,6 +87,11 @@ class WorkloadSection:
     active_days: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     hourly: list[float] = field(default_factory=lambda: list(SCHOOL_DAY))  # relative weight of each hour
     peak_hours: int = 1  # the busiest hours of the profile, over which latency "at peak" is measured
+    # Lessons: each school's users sit in classes of class_size; a burst_share of every user's requests come
+    # in class bursts (the whole class asks within burst_window_s of one moment), the rest independently.
+    burst_share: float = 0.0
+    class_size: int = 25
+    burst_window_s: float = 120.0
 
     def validate(self) -> None:
         """Raise PlanError on out-of-range values."""
@@ -97,6 +101,11 @@ class WorkloadSection:
         _need(all(_finite(h) and h >= 0 for h in self.hourly) and sum(self.hourly) > 0, "workload.hourly",
               "weights must be >= 0 and not all 0")
         _need(1 <= self.peak_hours <= 24, "workload.peak_hours", f"must be 1..24, got {self.peak_hours}")
+        _need(_finite(self.burst_share) and 0 <= self.burst_share <= 1, "workload.burst_share",
+              f"must be in [0, 1], got {self.burst_share}")
+        _need(1 <= self.class_size <= 1000, "workload.class_size", f"must be 1..1000, got {self.class_size}")
+        _need(_finite(self.burst_window_s) and 0 < self.burst_window_s <= 3600, "workload.burst_window_s",
+              f"must be > 0 and <= 3600 s, got {self.burst_window_s}")
 
     def peak(self) -> list[int]:
         """The ``peak_hours`` busiest hours of the day (ties to the earlier hour)."""
@@ -135,6 +144,7 @@ class RolloutSection:
     star_streams: int = 0  # star: schools the coordinator serves at once; 0: all at once (as sim.run ships)
     relay_seeds: int = 64  # relay: schools the coordinator serves at once; the others fetch from peers
     relay_fanout: int = 2  # relay: uploads a school that holds the bundle serves at once
+    relay_min_up_mbps: float = 4.0  # relay: schools with a slower uplink do not relay (ADSL's 0.8 takes minutes)
 
     def validate(self) -> None:
         """Raise PlanError on out-of-range values."""
@@ -148,6 +158,8 @@ class RolloutSection:
         _need(self.star_streams >= 0, "rollout.star_streams", f"must be >= 0, got {self.star_streams}")
         _need(self.relay_seeds >= 1, "rollout.relay_seeds", f"must be >= 1, got {self.relay_seeds}")
         _need(1 <= self.relay_fanout <= 64, "rollout.relay_fanout", f"must be 1..64, got {self.relay_fanout}")
+        _need(_finite(self.relay_min_up_mbps) and self.relay_min_up_mbps >= 0, "rollout.relay_min_up_mbps",
+              f"must be >= 0, got {self.relay_min_up_mbps}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,12 +266,8 @@ def from_dict(data: dict, *, base_dir: Path | None = None) -> PlanScenario:
 
 def load(path: str | Path) -> PlanScenario:
     """Read and validate a plan scenario file (its name defaults to the file's stem)."""
-    path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"{path}: no such scenario file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PlanError(f"{path}: not valid TOML: {exc}") from None
-    data.setdefault("name", path.stem)
-    return from_dict(data, base_dir=path.parent)
+        data = read_toml(path)
+    except ScenarioError as exc:
+        raise PlanError(str(exc)) from None
+    return from_dict(data, base_dir=Path(path).parent)

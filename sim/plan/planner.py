@@ -75,7 +75,8 @@ def plan(scn: PlanScenario, cal: Calibration, *, progress: Callable[[str], None]
                                           streams=ro.star_streams)
         else:
             rollouts[mode] = rollout.relay(pop, bundle_bytes, adapter_bytes, egress_bps=egress_bps,
-                                           seeds=ro.relay_seeds, fanout=ro.relay_fanout)
+                                           seeds=ro.relay_seeds, fanout=ro.relay_fanout,
+                                           min_up_bps=ro.relay_min_up_mbps * 1e6)
         wall[f"rollout_{mode}"] = time.perf_counter() - t0
         say(f"{mode} rollout: every school done after {rollouts[mode].makespan_s:,.0f} virtual s")
     starts = schedule(ro.first_at_h * 3600, ro.every_days * DAY_S, horizon)
@@ -170,7 +171,8 @@ def plan(scn: PlanScenario, cal: Calibration, *, progress: Callable[[str], None]
         "requests": {"total": n_req, "per_active_day": round(n_req / max(1, sum(
             1 for d in range(scn.days) if d % 7 in scn.workload.active_days))), "by_kind": by_kind,
             "peak_hours": sorted(peak_hours), "at_peak": int(len(peak_lat)),
-            "latency_peak_s": percentiles(peak_lat), "wait_peak_s": percentiles(peak_wait),
+            "latency_peak_s": percentiles(peak_lat), "wait_peak_s": percentiles(peak_wait, (50, 99, 99.9)),
+            "queued_share_peak": round(float((peak_wait > 1e-3).mean()), 6) if len(peak_wait) else None,
             "latency_all_s": percentiles(lat_all_a),
             "share_at_adapter": round(n_at_adapter / n_known, 6) if n_known else None,
             "served_elsewhere": n_moved, "of_users_without_adapter": n_req - n_known},

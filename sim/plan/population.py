@@ -22,7 +22,7 @@ class Population:
     link_names: list[str]  # the scenario's link profiles, in order
     links: list[LinkProfile]
     school_link: np.ndarray  # (S,) index into links
-    user_school: np.ndarray  # (U,) home school: the node holding the user's adapter
+    user_school: np.ndarray  # (U,) home school: the node holding the user's adapter (sorted by school)
     user_persona: np.ndarray  # (U,) index into persona_names
     user_known: np.ndarray  # (U,) bool: has an adapter
     persona_names: list[str]
@@ -46,6 +46,14 @@ class Population:
     def rtt_s(self) -> np.ndarray:
         """(S,) each school's round trip to the core, seconds."""
         return np.array([lk.rtt_s for lk in self.links])[self.school_link]
+
+    def classes(self, class_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each school's users (in index order) cut into classes of ``class_size``: (first user, size) per class."""
+        first_of_school = np.searchsorted(self.user_school, np.arange(self.schools))
+        rank = np.arange(len(self.user_school)) - first_of_school[self.user_school]
+        starts = np.flatnonzero((rank % class_size) == 0)
+        sizes = np.diff(np.append(starts, len(self.user_school)))
+        return starts, sizes
 
     def users_per_school(self, known_only: bool = False) -> np.ndarray:
         """(S,) users whose home is each school (only those with an adapter when ``known_only``)."""

@@ -126,8 +126,9 @@ def to_markdown(r: dict) -> str:
     lp, wp, la = q["latency_peak_s"], q["wait_peak_s"], q["latency_all_s"]
     if lp:
         lines += [f"Latency at peak (hours {q['peak_hours']}, {q['at_peak']:,} requests): p50 {lp['p50']:.3f} s, "
-                  f"p95 {lp['p95']:.3f} s, p99 {lp['p99']:.3f} s; of which queueing p50 {wp['p50']:.3f} s, "
-                  f"p99 {wp['p99']:.3f} s. All day: p50 {la['p50']:.3f} s, p99 {la['p99']:.3f} s.", ""]
+                  f"p95 {lp['p95']:.3f} s, p99 {lp['p99']:.3f} s; {100 * q['queued_share_peak']:.2f}% of them queued "
+                  f"over 1 ms (queueing p99 {wp['p99']:.3f} s, p99.9 {wp['p99.9']:.3f} s). All day: p50 "
+                  f"{la['p50']:.3f} s, p99 {la['p99']:.3f} s.", ""]
     share = q["share_at_adapter"]
     lines += [f"Served on the node holding the user's adapter: "
               f"{'n/a' if share is None else f'{100 * share:.3f}%'} of the requests of users with an adapter; "

@@ -7,10 +7,11 @@ schools at once (or ``star_streams`` at a time), sharing the coordinator's egres
 **Relay** (a greedy swarm of whole bundles): each school's adapters are private to its users, so they
 come from the coordinator first, all schools at once (a few KB each); then the coordinator serves the
 bundle to ``relay_seeds`` schools at a time, and a school that holds it serves it to up to
-``relay_fanout`` others at once from its uplink. A waiting school takes a free coordinator stream if
-there is one, else the free peer slot with the fastest uplink; waiting schools are served fastest uplink
-first, so good uploaders become relays early. Bundles are relayed whole (store and forward): a school
-relays only what it has verified.
+``relay_fanout`` others at once from its uplink (if that uplink is at least ``relay_min_up_mbps``: a
+copy over ADSL's 0.8 Mbit/s takes minutes, while faster relays free up in seconds). A waiting school
+takes a free coordinator stream if there is one, else the free peer slot with the fastest uplink;
+waiting schools are served fastest uplink first, so good uploaders become relays early. Bundles are
+relayed whole (store and forward): a school relays only what it has verified.
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ def _group_path(engine: FlowEngine, members: np.ndarray, down: np.ndarray) -> tu
 
 
 def relay(pop: Population, bundle_bytes: np.ndarray, adapter_bytes: np.ndarray, *, egress_bps: float,
-          seeds: int, fanout: int) -> Rollout:
-    """Peer relay: ``seeds`` coordinator streams, ``fanout`` uploads per school holding the bundle.
+          seeds: int, fanout: int, min_up_bps: float = 0.0) -> Rollout:
+    """Peer relay: ``seeds`` coordinator streams, ``fanout`` uploads per school holding the bundle (schools
+    with an uplink under ``min_up_bps`` do not relay).
 
     Each school's adapters (private to its users, so never relayed) come first, from the coordinator,
     all schools at once as in a star; a school queues for the bundle once they are in.
@@ -163,8 +165,9 @@ def relay(pop: Population, bundle_bytes: np.ndarray, adapter_bytes: np.ndarray, 
         else:
             res.up_bytes[parent] += bundle_bytes[i]
             heapq.heappush(peer_slots, (-up[parent], parent))
-        for _ in range(fanout):
-            heapq.heappush(peer_slots, (-up[i], i))
+        if up[i] >= min_up_bps:
+            for _ in range(fanout):
+                heapq.heappush(peer_slots, (-up[i], i))
         dispatch()
 
     def ready(group: np.ndarray, t: float) -> None:

@@ -1,7 +1,9 @@
 """Requests in virtual time: arrivals per user and hour, one FIFO compute thread per school, latency.
 
 Each active day, every user sends a Poisson number of requests (their persona's mean), at hours drawn
-from the daily profile; each request's kind is drawn from the persona's mix, its service time from the
+from the daily profile, a ``workload.burst_share`` of them in class bursts (a class of
+``workload.class_size`` users of a school asking within ``workload.burst_window_s`` of one moment);
+each request's kind is drawn from the persona's mix, its service time from the
 calibration's measured times of that kind (times ``serving.compute_scale``), its bytes are the kind's
 calibrated quanta. A request goes to its user's home school, the node holding the adapter.
 
@@ -48,12 +50,16 @@ def draw_day(pop: Population, scn: PlanScenario, cal: Calibration, day: int, rng
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One active day's requests, in arrival order: (arrival s, user, kind index, service s)."""
     personas = [scn.personas[p] for p in pop.persona_names]
+    w = scn.workload
     rate = np.array([p.requests_per_day for p in personas])[pop.user_persona]
-    counts = rng.poisson(rate)
+    counts = rng.poisson(rate * (1 - w.burst_share))
     users = np.repeat(np.arange(len(counts)), counts)
-    hourly = np.asarray(scn.workload.hourly, float)
+    hourly = np.asarray(w.hourly, float)
     hour = rng.choice(24, size=len(users), p=hourly / hourly.sum())
     t = day * DAY_S + 3600.0 * (hour + rng.random(len(users)))
+    if w.burst_share > 0:
+        bt, bu = _bursts(pop, w, rate, day, rng)
+        t, users = np.concatenate([t, bt]), np.concatenate([users, bu])
     mix = np.array([[p.kinds.get(k, 0.0) for k in REQUEST_KINDS] for p in personas])  # (P, K)
     cum = np.cumsum(mix / mix.sum(axis=1, keepdims=True), axis=1)
     u = rng.random(len(users))
@@ -66,6 +72,24 @@ def draw_day(pop: Population, scn: PlanScenario, cal: Calibration, day: int, rng
             service[idx] = samples[rng.integers(len(samples), size=len(idx))] * scn.serving.compute_scale
     order = np.argsort(t, kind="stable")
     return t[order], users[order], kind[order], service[order]
+
+
+def _bursts(pop: Population, w, rate: np.ndarray, day: int, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Class bursts: each class asks a Poisson number of times (burst_share of its members' mean rate),
+    at moments drawn from the daily profile; every member sends one request within the burst window."""
+    starts, sizes = pop.classes(w.class_size)
+    class_rate = np.add.reduceat(rate, starts) / sizes
+    k = rng.poisson(class_rate * w.burst_share)
+    burst_class = np.repeat(np.arange(len(starts)), k)
+    hourly = np.asarray(w.hourly, float)
+    moment = day * DAY_S + 3600.0 * (rng.choice(24, size=len(burst_class), p=hourly / hourly.sum())
+                                     + rng.random(len(burst_class)))
+    n = sizes[burst_class]
+    offsets = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    users = np.repeat(starts[burst_class], n) + offsets
+    t = np.repeat(moment, n) + w.burst_window_s * rng.random(len(users))
+    return t, users
 
 
 def fifo(school: np.ndarray, a: np.ndarray, s: np.ndarray, free_at: np.ndarray) -> np.ndarray:
@@ -138,7 +162,7 @@ def serve_day(pop: Population, scn: PlanScenario, cal: Calibration, day: int, rn
     received = _per_kind(cal.request_received, kind)
     net = pop.rtt_s[school] + 8 * sent / pop.down_bps[school] + 8 * received / pop.up_bps[school]
     return DayServed(t=t, kind=kind, home=home, school=school, known=known, at_adapter=admitted & known,
-                     wait_s=d - service - t, latency_s=d - t + net, sent=sent, received=received)
+                     wait_s=np.maximum(d - service - t, 0.0), latency_s=d - t + net, sent=sent, received=received)
 
 
 def _per_kind(quanta: dict, kind: np.ndarray) -> np.ndarray:
