@@ -179,10 +179,14 @@ class AdaptersSection:
 
 @dataclass(frozen=True, kw_only=True)
 class ServingSection:
-    """How a school's node serves: one compute thread (FIFO), and when the coordinator routes elsewhere."""
+    """How a school's node serves: one compute thread (FIFO), and when the coordinator routes elsewhere
+    (a queue too long, or the node offline: ``outage_share`` of schools each day, for ``outage_h`` hours
+    starting at an hour drawn from the daily profile)."""
 
     max_wait_s: float = 10.0  # a request that would queue longer at its adapter's node is served elsewhere
     compute_scale: float = 1.0  # a school's node time over the calibration machine's (1: as measured)
+    outage_share: float = 0.0  # share of schools whose node is offline for outage_h hours of each active day
+    outage_h: float = 2.0
 
     def validate(self) -> None:
         """Raise PlanError on out-of-range values."""
@@ -190,6 +194,10 @@ class ServingSection:
               f"must be >= 0, got {self.max_wait_s}")
         _need(_finite(self.compute_scale) and 0 < self.compute_scale <= 1000, "serving.compute_scale",
               f"must be > 0 and <= 1000, got {self.compute_scale}")
+        _need(_finite(self.outage_share) and 0 <= self.outage_share < 1, "serving.outage_share",
+              f"must be in [0, 1), got {self.outage_share}")
+        _need(_finite(self.outage_h) and 0 < self.outage_h <= 24, "serving.outage_h",
+              f"must be > 0 and <= 24, got {self.outage_h}")
 
 
 SECTIONS: dict[str, type] = {"population": PopulationSection, "network": NetworkSection,

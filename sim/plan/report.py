@@ -111,6 +111,10 @@ def to_markdown(r: dict) -> str:
             lines.append(f"| {mode} | {k} | {_mb(v)} |")
         lines.append(f"| {mode} | **total at the coordinator** | **{_mb(m['bytes_total'])}** |")
         lines.append(f"| {mode} | school to school (relay) | {_mb(m['peer_bytes_total'])} |")
+    st = r["adapter_storage"]
+    lines += ["", f"Adapter storage: {_mb(st['per_school_bytes']['p50'])} per school (median; max "
+              f"{_mb(st['per_school_bytes']['p100'])}), {_mb(st['at_coordinator_bytes'])} backed up at the "
+              f"coordinator."]
     lines += ["", "Bytes on a school's link per day (both directions, rollouts averaged over the plan):", "",
               "| mode | mean | median | p95 | max | all schools |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for mode, m in r["modes"].items():
@@ -132,7 +136,8 @@ def to_markdown(r: dict) -> str:
     share = q["share_at_adapter"]
     lines += [f"Served on the node holding the user's adapter: "
               f"{'n/a' if share is None else f'{100 * share:.3f}%'} of the requests of users with an adapter; "
-              f"{q['served_elsewhere']:,} routed to another school (queue over serving.max_wait_s), "
+              f"{q['served_elsewhere']:,} routed to another school (node offline, or its queue over "
+              f"serving.max_wait_s), "
               f"{q['of_users_without_adapter']:,} from users without an adapter.", "",
               f"Simulation: {r['events']:,} events in {r['wall_seconds']['total']:.1f} wall s "
               f"({r['events_per_second']:,} events/s).", "",

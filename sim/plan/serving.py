@@ -138,13 +138,15 @@ def serve_day(pop: Population, scn: PlanScenario, cal: Calibration, day: int, rn
     home = pop.user_school[users]
     known = pop.user_known[users]
     max_wait = scn.serving.max_wait_s
+    up = ~_offline(pop, scn, day, rng, t, home)  # requests whose home node is online when they arrive
     order = np.lexsort((t, home))
+    order = order[up[order]]
     d = np.empty_like(t)
     d[order] = fifo(home[order], t[order], service[order], free_at)
-    wait = d - service - t
-    admitted = np.ones(len(t), bool)
+    wait = np.where(up, d - service - t, 0.0)
+    admitted = up.copy()
     for sch in np.unique(home[wait > max_wait]):  # only overloaded schools: re-served with balking
-        idx = np.flatnonzero(home == sch)
+        idx = np.flatnonzero((home == sch) & up)
         idx = idx[np.argsort(t[idx], kind="stable")]
         admitted[idx] = _fifo_balking(t[idx], service[idx], free_at[sch], max_wait)
     school = home.copy()
@@ -163,6 +165,19 @@ def serve_day(pop: Population, scn: PlanScenario, cal: Calibration, day: int, rn
     net = pop.rtt_s[school] + 8 * sent / pop.down_bps[school] + 8 * received / pop.up_bps[school]
     return DayServed(t=t, kind=kind, home=home, school=school, known=known, at_adapter=admitted & known,
                      wait_s=np.maximum(d - service - t, 0.0), latency_s=d - t + net, sent=sent, received=received)
+
+
+def _offline(pop: Population, scn: PlanScenario, day: int, rng: np.random.Generator, t: np.ndarray,
+             home: np.ndarray) -> np.ndarray:
+    """Whether each request's home node is offline at its arrival (serving.outage_share of schools today)."""
+    sv = scn.serving
+    if sv.outage_share == 0:
+        return np.zeros(len(t), bool)
+    down = rng.random(pop.schools) < sv.outage_share
+    hourly = np.asarray(scn.workload.hourly, float)
+    start = day * DAY_S + 3600.0 * (rng.choice(24, size=pop.schools, p=hourly / hourly.sum())
+                                    + rng.random(pop.schools))
+    return down[home] & (t >= start[home]) & (t < start[home] + 3600.0 * sv.outage_h)
 
 
 def _per_kind(quanta: dict, kind: np.ndarray) -> np.ndarray:

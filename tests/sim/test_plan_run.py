@@ -105,3 +105,16 @@ def test_cli_writes_the_report(calibration_run, tmp_path, capsys):
     assert len((tmp_path / "o" / "events.jsonl").read_text().splitlines()) == 2 * 30
     assert cli.main(["validate", str(calibration_run)]) == 0
     assert np.isfinite(r["requests"]["latency_peak_s"]["p99"])
+
+
+def test_offline_nodes_and_long_queues_send_requests_elsewhere(calibration_run):
+    cal = calibration.from_run(calibration_run)
+    base = planner.plan(from_dict(small_plan()), cal).report["requests"]
+    outage = planner.plan(from_dict(small_plan(serving={"outage_share": 0.3, "outage_h": 6.0})), cal).report["requests"]
+    assert base["served_elsewhere"] == 0 and outage["served_elsewhere"] > 0
+    assert outage["share_at_adapter"] < 1.0
+    # nodes 300 times slower than measured: queues pass max_wait_s, the coordinator routes elsewhere
+    slow = planner.plan(from_dict(small_plan(serving={"compute_scale": 300.0, "max_wait_s": 5.0})), cal).report
+    q = slow["requests"]
+    assert q["served_elsewhere"] > 0 and q["share_at_adapter"] < 1.0
+    assert q["wait_peak_s"]["p99"] > 0.1
