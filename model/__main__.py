@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -102,7 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a bundle of the trained base model with the chosen expert codec."""
+    """Write a bundle of a trained model (base or a specialist) with the chosen expert codec, and
+    optionally the tokenizer a coordinator serving it needs."""
     from proto.bundle import write_bundle
 
     from .codecs import CODECS, bundle_meta, encode_state_dict
@@ -112,11 +114,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         if c not in CODECS:  # refuse before training anything
             raise ValueError(f"unknown codec {c!r}; choose one of {', '.join(CODECS)}")
     suite = Suite(args.preset, args.seed, use_cache=not args.no_cache)
-    entries = encode_state_dict(suite.base_state(), expert_codec=args.codec, other_codec=args.other_codec)
-    meta = bundle_meta(suite.preset.model, model="base", expert_codec=args.codec, other_codec=args.other_codec,
+    if args.model != "base" and args.model not in suite.personas:  # refuse before training anything
+        raise ValueError(f"unknown model {args.model!r}; choose base or a specialist: {', '.join(suite.personas)}")
+    state = suite.base_state() if args.model == "base" else suite.specialist_state(args.model)
+    entries = encode_state_dict(state, expert_codec=args.codec, other_codec=args.other_codec)
+    meta = bundle_meta(suite.preset.model, model=args.model, expert_codec=args.codec, other_codec=args.other_codec,
                        preset=suite.preset.name, seed=args.seed)
     n = write_bundle(args.out, entries, meta)
-    print(f"wrote {args.out}: {n:,} bytes, {len(entries)} tensors, experts in {args.codec}")
+    print(f"wrote {args.out}: {n:,} bytes, {len(entries)} tensors, model {args.model}, experts in {args.codec}")
+    if args.tokenizer_out:
+        Path(args.tokenizer_out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(suite.tokenizer_path, args.tokenizer_out)
+        print(f"wrote {args.tokenizer_out}: the tokenizer a coordinator serving this bundle needs (--tokenizer)")
     return 0
 
 
@@ -141,12 +150,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="how a chosen expert's output is scaled: unit (the presets' default: experts carry "
                         "what the model knows) or prob (the Switch Transformer's router probability)")
     t.add_argument("--codecs", action="store_true", help="also measure the perplexity under every codec")
-    e = sub.add_parser("export", help="write a bundle of the trained base model")
+    e = sub.add_parser("export", help="write a bundle of a trained model (the base, or a specialist)")
     e.add_argument("--preset", default="small", choices=list(PRESETS))
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--codec", required=True, help="codec of the expert matrices (see `describe`)")
     e.add_argument("--other-codec", default="fp16", help="codec of the non-expert tensors (default fp16)")
     e.add_argument("--out", required=True, help="bundle file to write")
+    e.add_argument("--model", default="base",
+                   help="base (default) or a specialist persona (programmer, novelist, ...): whose weights")
+    e.add_argument("--tokenizer-out", metavar="FILE",
+                   help="also copy the models' tokenizer.json here (python -m coordinator --tokenizer FILE)")
     e.add_argument("--no-cache", action="store_true", help="retrain even when the cache has the weights")
     args = ap.parse_args(argv)
     try:

@@ -47,6 +47,7 @@ from .assembly import WeightStore
 from .counting import ByteCounter, CountingChannel
 from .errors import NodeError
 from .fetch import FetchPolicy
+from .local_store import LocalBundles
 from .memory import rss_bytes
 from .partial import PartialExperts, PrefetchSettings, whole_bundles
 from .runtime import ControlLink, NodeLimits, VirtualNode
@@ -162,12 +163,16 @@ class NodeHost:
     bundle about twice (bytes received, verified records) until it is decoded or found shared, so
     256 nodes of a 30m federation (44 MB bundles) fetching together would hold ~22 GB. The nodes
     share one event loop, so fewer concurrent fetches cost no throughput; waiting nodes beat.
+
+    ``bundle_dir``: keep every verified bundle on disk there (``node.local_store``), so that a node
+    started again with the same id (a process Ray restarted, ``python -m node`` run again) installs
+    its bundles from disk, verified again, instead of fetching them.
     """
 
     def __init__(self, *, bind_host: str = "127.0.0.1", limits: NodeLimits | None = None,
                  fetch_policy: FetchPolicy | None = None, torch_threads: int | None = 1,
                  heartbeats: bool = True, max_concurrent_installs: int = MAX_CONCURRENT_INSTALLS,
-                 server_tls: tuple[bytes, bytes] | None = None) -> None:
+                 server_tls: tuple[bytes, bytes] | None = None, bundle_dir: str | os.PathLike | None = None) -> None:
         if max_concurrent_installs < 1:
             raise SpecError(f"max_concurrent_installs must be >= 1, got {max_concurrent_installs}")
         self._install_slots = asyncio.Semaphore(max_concurrent_installs)
@@ -176,6 +181,8 @@ class NodeHost:
         self.limits = limits or NodeLimits()
         self.fetch_policy = fetch_policy or FetchPolicy(allowed_codecs=CODECS)
         self.heartbeats = heartbeats
+        # verified bundles kept on disk, one folder per node id, so a node restarted with its id reads them back
+        self.local = LocalBundles(bundle_dir) if bundle_dir else None
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.store = WeightStore()
@@ -261,7 +268,8 @@ class NodeHost:
 
     def _control(self, counter: ByteCounter) -> ControlLink:
         stub = rpc.NodeControlStub(CountingChannel(self._channel, counter))
-        return ControlLink(stub=stub, metadata=bearer_metadata(self._token), policy=self.fetch_policy)
+        return ControlLink(stub=stub, metadata=bearer_metadata(self._token), policy=self.fetch_policy,
+                           local=self.local)
 
     async def _start_one(self, spec: NodeSpec) -> dict:
         t0 = time.perf_counter()
@@ -296,6 +304,7 @@ class NodeHost:
             result.update(ok=True, ready=node.served is not None, users=users, users_failed=failed,
                           install=None if install is None else {
                               "installed": install.installed, "fetched": install.fetched,
+                              "from_local": install.from_local,
                               "bytes_fetched": install.bytes_fetched, "resumes": install.resumes,
                               "refetches": install.refetches, "seconds": round(install.seconds, 4)},
                           seconds={"register": round(t_reg - t0, 4), "install": round(t_inst - t_reg, 4),

@@ -34,8 +34,9 @@ from .adapters import AdapterError, AdapterStore, UserAdapter, decode_adapter
 from .assembly import AssemblyError, DecodedBundle, ServedModel, WeightStore, decode_records, pack_mask, used_bundles
 from .counting import ByteCounter
 from .errors import InstallFailed, InvalidRequest, NoModel, UserNotLoaded
-from .fetch import FetchError, FetchPolicy, fetch_bundle
+from .fetch import FetchError, FetchPolicy
 from .inference import next_logprobs, score_tokens
+from .local_store import LocalBundles, fetch_or_load
 from .partial import PartialExperts, expert_output, run_expert_rpc
 from .soup import SoupInstance, describe, instantiate, kept_h, requested_h
 
@@ -70,6 +71,7 @@ class ControlLink:
     metadata: tuple[tuple[str, str], ...]
     policy: FetchPolicy = field(default_factory=FetchPolicy)
     timeout_s: float = 30.0
+    local: LocalBundles | None = None  # verified bundles kept on disk (node.local_store): a restart reads them
 
 
 @dataclass
@@ -82,6 +84,7 @@ class InstallResult:
     resumes: int = 0
     refetches: int = 0
     seconds: float = 0.0
+    from_local: list[str] = field(default_factory=list)  # bundles read from the node's own disk, not fetched
 
 
 class VirtualNode:
@@ -333,12 +336,13 @@ class VirtualNode:
             try:
                 for ref in todo:
                     assert control is not None  # checked above: there is something to fetch
-                    fetched = await fetch_bundle(control.stub, ref, node_id=self.node_id,
-                                                 metadata=control.metadata, policy=control.policy)
+                    fetched, from_disk = await fetch_or_load(control.stub, ref, node_id=self.node_id,
+                                                             metadata=control.metadata, policy=control.policy,
+                                                             local=control.local)
                     result.bytes_fetched += fetched.payload_bytes
                     result.resumes += fetched.resumes
                     result.refetches += fetched.refetches
-                    result.fetched.append(ref.name)
+                    (result.from_local if from_disk else result.fetched).append(ref.name)
                     new.append(await self._submit(
                         self.store.get_or_decode, fetched.sha256,
                         lambda f=fetched, r=ref: decode_records(f.bundle, name=r.name, sha256=f.sha256,

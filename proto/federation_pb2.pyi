@@ -879,12 +879,18 @@ class Stats(_message.Message):
     bytes_total: _builtins.int
     """Sum of sent + received over all kinds."""
     requests_ok: _builtins.int
-    """Client RPCs served, by outcome."""
+    """Client (Federation) RPCs, by outcome, counted in total and per user: a call made with a
+    user's token counts for that user, and so does an admin's call that names a user (its
+    user_id field). With GetStatsRequest.user_id (or a user's own token) these four fields are that
+    user's counts, not the federation's. Health checks and reflection are never counted.
+    requests_ok: the RPC ended with OK (a Generate stream counts once, as one RPC).
+    """
     requests_failed: _builtins.int
+    """Ended with any other status (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, ...)."""
     requests_shed: _builtins.int
-    """Requests shed with RESOURCE_EXHAUSTED."""
+    """Refused at once with RESOURCE_EXHAUSTED by the coordinator's concurrency cap (never started)."""
     requests_failed_over: _builtins.int
-    """Requests that failed over to another node."""
+    """Answered, but from another node than the first one tried (that node was down or failed)."""
     user_id: _builtins.str
     """User the figures are restricted to, if any."""
     @_builtins.property

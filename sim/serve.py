@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from model.config import ConfigError
 from model.corpora import CorpusError
 
 from . import network
 from .actors import RayStartError
+from .console import noise_to
 from .federation import FederationError, LocalFederation
 from .run import add_scenario_arguments, build_suite, link_names, scenario_from_args
 from .scenario import ScenarioError
@@ -76,8 +79,13 @@ def client_command(address: str, tokens_path: Path, user: str) -> str:
             f'score --user {user} "the weather was fine"')
 
 
-async def serve_federation(args: argparse.Namespace) -> dict:
-    """Bring the federation up, serve until a signal, shut down gracefully; what it served."""
+async def serve_federation(args: argparse.Namespace, console: TextIO | None = None) -> dict:
+    """Bring the federation up, serve until a signal, shut down gracefully; what it served.
+
+    What a user must see while it serves (the address, a client command, the shutdown) goes to
+    ``console`` (default: stdout); `main` hands it the console while Ray's noise goes to the log.
+    """
+    console = console or sys.stdout
     scn = scenario_from_args(args)
     out = Path(args.out)
     suite = build_suite(scn, corpus_dir=args.corpus, progress=not args.quiet)
@@ -100,11 +108,11 @@ async def serve_federation(args: argparse.Namespace) -> dict:
         user = next(iter(suite.known_users), next(iter(fed.user_tokens), ""))
         print(f"serving {len(fed.plans)} nodes on {address} (federation.json and tokens.json in {out})\n"
               f"try:  {client_command(address, tokens.resolve(), user)}\n"
-              "stop: Ctrl-C or SIGTERM", flush=True)
+              "stop: Ctrl-C or SIGTERM", file=console, flush=True)
         t0 = time.monotonic()
         await stop.wait()
         print("stopping: no new calls; calls in flight get "
-              f"{args.grace:g} s", flush=True)
+              f"{args.grace:g} s", file=console, flush=True)
         await handle.stop(grace=args.grace)  # stops accepting, waits for calls in flight, writes counters
         stats = handle.core.stats(None)
         return {"address": address, "seconds": round(time.monotonic() - t0, 1), "requests_ok": stats.requests_ok,
@@ -114,12 +122,24 @@ async def serve_federation(args: argparse.Namespace) -> dict:
         await fed.stop()
 
 
+def console_stdout() -> TextIO:
+    """A line-buffered copy of stdout's descriptor as it is now (sys.stdout itself when it has none)."""
+    try:
+        return os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, closefd=True)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # a test capturing stdout
+        return sys.stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m sim.serve`."""
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # stdout as it is now: while the federation serves, descriptors 1 and 2 go to OUT/stderr.log
+    # (Ray's and gRPC's noise, as with sim.run), and the address and shutdown lines still reach the user
+    console = console_stdout()
     try:
-        served = asyncio.run(serve_federation(args))
+        with noise_to(Path(args.out) / "stderr.log"):
+            served = asyncio.run(serve_federation(args, console))
     except (ScenarioError, ConfigError, CorpusError, FederationError, RayStartError, network.NetworkError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -129,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the federation was up
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if console is not sys.stdout:
+            console.close()
     print(f"served {served['requests_ok']} requests ok, {served['requests_failed']} failed, "
           f"{served['requests_shed']} shed in {served['seconds']} s on {served['address']}; "
           f"{served['bytes_total'] / 1e6:.1f} MB crossed the coordinator boundary; stopped cleanly", flush=True)

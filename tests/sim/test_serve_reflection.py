@@ -128,6 +128,9 @@ def test_sim_serve_answers_a_reflection_only_client_and_stops_cleanly(tmp_path, 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, (tmp_path / "serve.err").read_text()[-2000:]
         assert "stopped cleanly" in output.until("stopped cleanly", timeout=10)
+        # Ray's and gRPC's noise went to OUT/stderr.log (as with sim.run), not to the user's console
+        assert (out / "stderr.log").exists()
+        assert "Ray" not in "".join(output.seen) and "raylet" not in (tmp_path / "serve.err").read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
