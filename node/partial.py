@@ -313,40 +313,49 @@ class PartialExperts:
         remote_s = s.rtt_s + s.peer_rtt_s + 8 * n / s.up_bps + 8 * n / s.down_bps
         return "remote" if self.peer and remote_s < wait_s else "wait"
 
+    async def _remote(self, miss: Miss, e: int, rec: RequestRecord) -> torch.Tensor:
+        """Expert ``e``'s output for its tokens, computed by the expert peer (Node.RunExpert)."""
+        rows = miss.inputs[miss.rows(e)]  # (n, C)
+        hidden = rows.detach().to(torch.float32).contiguous().numpy().tobytes()
+        control = self.node.control
+        assert control is not None
+        reply = await self._peer().RunExpert(
+            pb.RunExpertRequest(block=miss.block, expert=e, rows=rows.shape[0], hidden=hidden),
+            metadata=control.metadata, timeout=control.timeout_s)
+        out = np.frombuffer(reply.output, dtype=np.float32)
+        if out.size != rows.numel():
+            raise InstallFailed(f"expert peer returned {out.size} values for {rows.numel()}", grpc.StatusCode.DATA_LOSS)
+        rec.remote.append((miss.block, e, len(hidden), len(reply.output)))
+        return torch.from_numpy(out.copy()).view_as(rows)
+
+    async def _wait(self, miss: Miss, e: int, rec: RequestRecord) -> tuple[DecodedBundle, torch.Tensor]:
+        """Fetch expert ``e`` now; its piece (installed by the caller) and its output for its tokens."""
+        cost = RangeFetch()
+        try:
+            piece = await self._fetch((miss.block, e), cost)
+        except FetchError as exc:
+            raise InstallFailed(str(exc), exc.code) from None
+        self.bytes_on_demand += cost.payload_bytes
+        rec.fetched.append((miss.block, e, cost.payload_bytes))
+        rows = miss.inputs[miss.rows(e)]  # (n, C)
+        return piece, await self.node._submit(expert_from_weights, piece.tensors, miss.block, e, rows)
+
     async def _resolve(self, miss: Miss, rec: RequestRecord, needed: set[tuple[int, int]]) -> Answer:
-        outputs: dict[int, torch.Tensor] = {}
+        """One block's misses: the remote calls and the fetches of the block run concurrently (one round
+        trip each way for the block, as the network model times them), substitutions need nothing."""
+        how = {e: self._choose(miss, e) for e in miss.missing}
+        sub = [e for e, h in how.items() if h == "substitute"]
+        rec.substituted += sum(int((miss.route == e).sum()) for e in sub)
+        remote = [e for e, h in how.items() if h == "remote"]
+        wait = [e for e, h in how.items() if h == "wait"]
+        calls = asyncio.gather(*(self._remote(miss, e, rec) for e in remote))
+        fetches = asyncio.gather(*(self._wait(miss, e, rec) for e in wait))
+        by_remote, by_wait = await asyncio.gather(calls, fetches)
+        outputs: dict[int, torch.Tensor] = dict(zip(remote, by_remote))
         fetched: dict[tuple[int, int], DecodedBundle] = {}
-        sub = False
-        for e in miss.missing:
-            how = self._choose(miss, e)
-            rows = miss.inputs[miss.rows(e)]  # (n, C)
-            if how == "substitute":
-                sub = True
-                rec.substituted += int((miss.route == e).sum())
-            elif how == "remote":
-                hidden = rows.detach().to(torch.float32).contiguous().numpy().tobytes()
-                control = self.node.control
-                assert control is not None
-                reply = await self._peer().RunExpert(
-                    pb.RunExpertRequest(block=miss.block, expert=e, rows=rows.shape[0], hidden=hidden),
-                    metadata=control.metadata, timeout=control.timeout_s)
-                out = np.frombuffer(reply.output, dtype=np.float32)
-                if out.size != rows.numel():
-                    raise InstallFailed(f"expert peer returned {out.size} values for {rows.numel()}",
-                                        grpc.StatusCode.DATA_LOSS)
-                outputs[e] = torch.from_numpy(out.copy()).view_as(rows)
-                rec.remote.append((miss.block, e, len(hidden), len(reply.output)))
-            else:  # wait: fetch now, run the fetched weights; installed below, one swap for the block
-                cost = RangeFetch()
-                key = (miss.block, e)
-                try:
-                    piece = await self._fetch(key, cost)
-                except FetchError as exc:
-                    raise InstallFailed(str(exc), exc.code) from None
-                fetched[key] = piece
-                self.bytes_on_demand += cost.payload_bytes
-                rec.fetched.append((miss.block, e, cost.payload_bytes))
-                outputs[e] = await self.node._submit(expert_from_weights, piece.tensors, miss.block, e, rows)
+        for e, (piece, out) in zip(wait, by_wait):
+            fetched[(miss.block, e)] = piece
+            outputs[e] = out
         if fetched:
             pieces = dict(self.pieces)
             for key, piece in fetched.items():

@@ -39,13 +39,19 @@ def configs(scn: Scenario) -> list[tuple[str, int, str]]:
 
 
 def stall_seconds(record: dict, links: NodeLinks) -> float:
-    """Virtual seconds one request waited: each on-demand fetch (one transfer per expert, in turn) and each
-    remote call (hidden states up, outputs down), on the node's idle link."""
+    """Virtual seconds one request waited, block by block as the node resolved its misses: a block's
+    on-demand fetches as one transfer (they run concurrently) and its remote calls as one round trip
+    (hidden states up, outputs down), on the node's idle link; blocks in turn."""
     t = 0.0
-    for _, _, nbytes in record["fetched"]:
-        t = links.fetch(int(nbytes), t)
-    for _, _, up, _ in record["remote"]:
-        t = links.remote(int(up), t)
+    for b in sorted({f[0] for f in record["fetched"]} | {r[0] for r in record["remote"]}):
+        end = t
+        fetch = sum(int(n) for blk, _, n in record["fetched"] if blk == b)
+        up = sum(int(u) for blk, _, u, _ in record["remote"] if blk == b)
+        if fetch:
+            end = max(end, links.fetch(fetch, t))
+        if up:
+            end = max(end, links.remote(up, t))
+        t = end
     return t
 
 

@@ -27,12 +27,14 @@ from sim.scenario import ScenarioError, from_dict
 REQUESTS = 4
 
 
-def test_stall_seconds_add_fetches_and_remote_calls_on_the_idle_link():
+def test_stall_seconds_time_each_block_as_one_fetch_and_one_remote_round_trip():
     node = LinkProfile(down_bps=8e6, up_bps=1e6, rtt_s=0.05)
     peer = LinkProfile(down_bps=1e8, up_bps=1e8, rtt_s=0.01)
-    rec = {"fetched": [(0, 1, 1000), (1, 2, 3000)], "remote": [(2, 3, 400, 400)]}
-    want = (0.05 + 8 * 1000 / 8e6) + (0.05 + 8 * 3000 / 8e6) + (0.06 + 8 * 400 / 1e6 + 8 * 400 / 8e6)
-    assert math.isclose(pl.stall_seconds(rec, idle_links(node, peer)), want, rel_tol=1e-12)
+    rec = {"fetched": [(0, 1, 1000), (0, 2, 3000), (2, 5, 500)], "remote": [(2, 3, 400, 400), (2, 4, 100, 100)]}
+    block0 = 0.05 + 8 * 4000 / 8e6  # two experts fetched together
+    block2 = max(0.05 + 8 * 500 / 8e6, 0.06 + 8 * 500 / 1e6 + 8 * 500 / 8e6)  # a fetch beside remote calls
+    assert math.isclose(pl.stall_seconds(rec, idle_links(node, peer)), block0 + block2, rel_tol=1e-12)
+    assert pl.stall_seconds({"fetched": [], "remote": []}, idle_links(node, peer)) == 0
 
 
 @pytest.mark.parametrize("prefetch, key", [
