@@ -59,10 +59,12 @@ StagedPass = Generator[Miss, Answer, tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def staged_forward(model: FractalMoE, idx: torch.Tensor, available: torch.Tensor,
-                   norms: Mapping[str, torch.Tensor] | None = None) -> StagedPass:
+                   norms: Mapping[str, torch.Tensor] | None = None,
+                   router_bias: torch.Tensor | None = None) -> StagedPass:
     """Logits (T, V) of ``idx`` (T,) long, pausing at each block whose tokens need a missing expert.
 
-    ``available`` (L, E) bool: the installed experts. Returns (logits (T, V), wanted (L, T): the full
+    ``available`` (L, E) bool: the installed experts. ``router_bias`` (L, E), if given, is added to every
+    token's router logits of its block (choice and gate alike). Returns (logits (T, V), wanted (L, T): the full
     router's choice, served (L, T): the expert whose weights computed each token's output, or -1 for a
     token whose output came from the caller).
     """
@@ -78,6 +80,8 @@ def staged_forward(model: FractalMoE, idx: torch.Tensor, available: torch.Tensor
         flat = _norm(x, blk.ln2, f"blocks.{b}.ln2", norms).reshape(T, -1)  # (T, C)
         moe = blk.moe
         logits = moe.router(flat)  # (T, E)
+        if router_bias is not None:  # a prior over experts (L, E), e.g. log of a user's usage: routing made predictable
+            logits = logits + router_bias[b]
         probs = logits.softmax(dim=-1)  # (T, E)
         route = logits.argmax(dim=-1)  # (T,)
         use = route.clone()  # (T,) the expert whose weights run each token; -1: output given

@@ -1,0 +1,48 @@
+"""Per-user router priors (issue 16 item 5): the measurement's invariants at tiny, and its CLI's errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import get_preset
+from model.fractal_moe import build_model
+from model.staged import staged_forward
+from sim.prefetch_live import remedies
+
+
+def test_a_router_bias_moves_routing_as_added_logits():
+    cfg = get_preset("tiny").model
+    model = build_model(cfg, 2).eval()
+    ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    full = torch.ones(cfg.n_layers, cfg.n_experts, dtype=torch.bool)
+    bias = torch.full((cfg.n_layers, cfg.n_experts), -1e4)
+    bias[:, 3] = 0.0  # every other expert all but forbidden: every token goes to expert 3
+    with torch.no_grad():
+        gen = staged_forward(model, ids, full, router_bias=bias)
+        with pytest.raises(StopIteration) as stop:
+            next(gen)
+    _, wanted, _ = stop.value.value
+    assert bool((wanted == 3).all())
+
+
+@pytest.mark.slow
+def test_priors_measure_against_the_unmodified_model(tiny_suite):
+    res = remedies.measure(tiny_suite, budget=16, betas=[0.0, 1.0], requests=4, history=1)
+    r0, r1 = res["rows"]
+    assert r0["ppl_ratio_all_experts"] == 1.0  # beta 0 is the unmodified model
+    assert r0["hit_rate"] == r1["hit_rate"] == 1.0  # a plan of all 16 experts covers every use
+    for r in res["rows"]:  # ... so serving the plan only changes nothing
+        assert np.isclose(r["ppl_ratio_plan_substitute"], r["ppl_ratio_all_experts"])
+    assert r1["distinct_experts_per_block"] < r0["distinct_experts_per_block"]
+    half = remedies.measure(tiny_suite, budget=8, betas=[0.0, 2.0], requests=4, history=1)["rows"]
+    assert half[0]["hit_rate"] < half[1]["hit_rate"]  # the prior keeps a user's tokens on the user's experts
+    assert "| 2 |" in remedies.markdown({**res, "rows": half})
+
+
+@pytest.mark.parametrize("argv", [["--betas", "a,b"], ["--budget", "17"], ["--betas", "-1"], ["--preset", "huge"]])
+def test_bad_arguments_get_one_line_and_exit_2(argv, capsys):
+    assert remedies.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
