@@ -31,6 +31,7 @@ from model.pipeline import Suite
 from node.actor import NodeActor
 from node.adapters import encode_adapter
 from node.fetch import FetchPolicy
+from node.supervised import SupervisedNodeActor
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.auth_metadata import bearer_metadata
@@ -39,6 +40,7 @@ from proto.message_limits import MAX_MESSAGE_BYTES, message_size_options
 
 from . import soup
 from .actors import actor_groups, init_ray, packing, process_memory, stop_actor
+from .healing import Healer
 from .scenario import Scenario
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,8 @@ class LocalFederation:
         self.actor_startup: list[dict] = []  # per actor, as its nodes finished starting (see start_nodes)
         self.extra_actors: list = []  # actors of nodes outside the plan (see extra_nodes)
         self._ray_started_here = False
+        self.node_store = self.workdir / "node-store"  # each node's own disk: verified bundles, by node id
+        self.healer: Healer | None = None  # while the federation heals itself (see start)
 
     @property
     def stub(self) -> rpc.FederationStub:
@@ -214,6 +218,8 @@ class LocalFederation:
         for suffix in ("", "-wal", "-shm", "-journal"):
             (self.workdir / f"coordinator.db{suffix}").unlink(missing_ok=True)
         shutil.rmtree(self.workdir / "store", ignore_errors=True)
+        # the nodes' own disks too: a node of this run fetches its bundles (and its bytes are counted)
+        shutil.rmtree(self.node_store, ignore_errors=True)
 
     async def start_coordinator(self) -> None:
         """Serve the coordinator in this process (its own gRPC server on a loopback port), from a
@@ -273,18 +279,9 @@ class LocalFederation:
             log.warning("%d nodes, one actor each, would not fit: packing %d nodes per actor",
                         len(self.plans), self.nodes_per_actor)
         groups = actor_groups(self.plans, self.nodes_per_actor)
-        # num_cpus=0: node actors mostly wait on sockets; Ray must not cap them at one per core
-        self.actors = [NodeActor.options(num_cpus=0, max_concurrency=1000).remote(torch_threads=1)
-                       for _ in groups]
+        self.actors = [self.node_actor([self.node_spec(p) for p in g]) for g in groups]
         self.actor_nodes = [[p.node_id for p in g] for g in groups]
-        refs = []
-        for actor, group in zip(self.actors, groups):
-            specs = []
-            for p in group:
-                b = self.bundles[p.bundle]
-                specs.append({"node_id": p.node_id, "model": p.model, "codec": b.codec, "link": p.link,
-                              "bundles": [b.spec()]})
-            refs.append(actor.start.remote(self.handle.address, specs, self.node_token))
+        refs = [actor.start_planned.remote() for actor in self.actors]
         bar = tqdm(total=len(self.plans), desc="ship bundles", unit="node", disable=not self.progress,
                    dynamic_ncols=True)
         t0 = time.perf_counter()
@@ -306,6 +303,22 @@ class LocalFederation:
             raise FederationError(f"{len(failed)} node(s) failed to start, first {failed[0]}: "
                                   f"{self.node_results[failed[0]].get('error')}")
         await self.wait_healthy(len(self.plans))
+
+    def node_spec(self, plan: NodePlan, node_id: str = "") -> dict:
+        """The spec a node actor starts ``plan``'s node from (``node_id``: another id, for a replacement)."""
+        b = self.bundles[plan.bundle]
+        return {"node_id": node_id or plan.node_id, "model": plan.model, "codec": b.codec, "link": plan.link,
+                "bundles": [b.spec()]}
+
+    def node_actor(self, specs: list[dict]) -> Any:
+        """A node actor for ``specs`` under Ray's supervision: Ray restarts its process up to
+        ``heal.restarts`` times, and the restarted process brings the same nodes back by itself
+        (``node.supervised``), their bundles read from their own disk (``node_store``)."""
+        # num_cpus=0: node actors mostly wait on sockets; Ray must not cap them at one per core
+        return SupervisedNodeActor.options(num_cpus=0, max_concurrency=1000,
+                                           max_restarts=self.scn.heal.restarts).remote(
+            coordinator=self.coordinator.address, specs=specs, node_token=self.node_token, torch_threads=1,
+            bundle_dir=str(self.node_store))
 
     async def wait_healthy(self, n: int, timeout: float = 120.0) -> None:
         """Wait until the coordinator sees ``n`` healthy nodes."""
@@ -360,9 +373,15 @@ class LocalFederation:
             t = time.perf_counter()
             await self.specialise_soup_nodes()
             self.phases["soup_instantiate"] = time.perf_counter() - t
+        if self.scn.heal.replace_after_s:
+            self.healer = Healer(self, replace_after_s=self.scn.heal.replace_after_s)
+            self.healer.start()
 
     async def stop(self) -> None:
         """Stop nodes, the coordinator, and Ray if this federation started it."""
+        if self.healer is not None:
+            await self.healer.stop()  # stops the replacements it started too
+            self.healer = None
         for actor in self.actors + self.extra_actors:
             await stop_actor(actor)
         self.actors, self.extra_actors = [], []

@@ -1,7 +1,8 @@
 """Scenario files (TOML): what a federation run looks like, validated, with command-line overrides.
 
 A scenario has sections ``[federation]``, ``[model]``, ``[network]``, ``[workload]``,
-``[prefetch]``, ``[faults]`` and ``[soup]``; every key has a default, so an empty file is a valid scenario.
+``[prefetch]``, ``[faults]``, ``[heal]`` and ``[soup]``; every key has a default, so an empty file is a valid
+scenario.
 Unknown sections or keys, and values of the wrong type or range, are refused with a
 :class:`ScenarioError` whose message names the key at fault (``workload.generate_tokens: ...``).
 """
@@ -206,12 +207,37 @@ class FaultsSection:
     cut_stream_at: float = 0.0  # fraction of a bundle after which one stream is cut (0: never)
     corrupt_chunks: int = 0
     restart_coordinator: bool = False
+    # kill -9 of node processes, one case after the other, each measured until the federation is back
+    # at full strength (sim.faults.heal): "one" (the process of one node), "half" (of the nodes),
+    # "model" (every node of the base model) or "model:NAME"; "lost-" before a case: the processes
+    # cannot come back (ray.kill without restart), so the federation must start replacements.
+    kill9: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         """Raise ScenarioError on out-of-range values."""
         _check(self.kill_nodes >= 0, "faults.kill_nodes", "must be >= 0")
         _check(0.0 <= self.cut_stream_at < 1.0, "faults.cut_stream_at", "must be in [0, 1)")
         _check(self.corrupt_chunks >= 0, "faults.corrupt_chunks", "must be >= 0")
+        for i, case in enumerate(self.kill9):
+            what = case.removeprefix("lost-")
+            _check(what in ("one", "half", "model") or (what.startswith("model:") and len(what) > 6),
+                   f"faults.kill9[{i}]", f"must be one, half, model or model:NAME (optionally lost-...), got {case!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealSection:
+    """Self-healing: Ray restarts node processes that die; the federation replaces nodes that stay down."""
+
+    restarts: int = 3  # times Ray restarts a node actor's process (its nodes come back with their ids); 0: never
+    # a planned node whose process Ray says is dead for good is replaced at once, one not healthy for this long
+    # (its process restarted but the node does not get healthy) too; 0: never replace
+    replace_after_s: float = 30.0
+
+    def validate(self) -> None:
+        """Raise ScenarioError on out-of-range values."""
+        _check(-1 <= self.restarts <= 1000, "heal.restarts", f"must be -1 (always) or 0 to 1000, got {self.restarts}")
+        _check(self.replace_after_s == 0 or 1 <= self.replace_after_s <= 3600, "heal.replace_after_s",
+               f"must be 0 (never) or between 1 and 3600 seconds, got {self.replace_after_s}")
 
 
 AUTO_SOUP_MIN_NODES = 16  # "auto" soup nodes only in federations this large
@@ -256,6 +282,7 @@ class Scenario:
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     prefetch: PrefetchSection = field(default_factory=PrefetchSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
+    heal: HealSection = field(default_factory=HealSection)
     soup: SoupSection = field(default_factory=SoupSection)
 
     def validate(self) -> Scenario:

@@ -4,9 +4,13 @@
 asks for any (:data:`LIVE_PART`, one of `sim.run.LIVE_PARTS`). On the running federation, while the users keep sending
 their requests (each one over and over, in its own loop):
 
-- ``kill_nodes = k``: k Ray actors hosting nodes that hold users are killed (``ray.kill``).
+- ``kill9 = [cases]``: kill -9 of node processes, case after case ("one", "half", "model",
+  "model:NAME", "lost-..."), each timed until the federation is back at full strength (Ray
+  restarts the processes, or the federation replaces what cannot come back): ``heal`` in the
+  section, one summary row per case (``sim.faults.heal``).
+- ``kill_nodes = k``: k Ray actors hosting nodes that hold users are killed (``ray.kill``, no restart).
   The coordinator fails their users over: each adapter is reinstalled from the coordinator's
-  store on a surviving node.
+  store on a surviving node; with self-healing on, replacements then take the killed nodes' places.
 - ``restart_coordinator``: the coordinator is stopped and served again on the same database,
   bundle store and port; the nodes' channels reconnect and their heartbeats resume.
 - ``cut_stream_at = f``, ``corrupt_chunks = c``: new nodes join through a faulty link (a loopback
@@ -24,7 +28,8 @@ request that failed counts under the fault that was the latest when it first fai
 
 The package, by job: ``settings`` (:class:`FaultSettings`, the probes, their answers and how two
 answers compare), ``traffic`` (:class:`UserTraffic`, the users' requests with retries),
-``links`` (:class:`FaultyLink`, the corrupting NodeControl proxy) and ``run`` (:class:`FaultRun`:
+``links`` (:class:`FaultyLink`, the corrupting NodeControl proxy), ``heal`` (the kill -9 cases) and
+``run`` (:class:`FaultRun`:
 chooses the victims, injects the faults through `LocalFederation`'s fault operations, judges the
 recovery). The names below are the package's public entry points.
 """

@@ -17,8 +17,10 @@ from proto import federation_pb2 as pb
 from proto.bundle import read_manifest
 
 from ..federation import LocalFederation
+from ..healing import strength
 from ..scenario import Scenario
 from ..sections import LivePart, Section, add_section, json_markdown
+from .heal import heal_cases
 from .links import FaultyLink, LinkFaults
 from .settings import Answer, FaultError, FaultSettings, Probe, answer_diff, until
 from .traffic import UserTraffic, summarise_requests
@@ -114,6 +116,12 @@ class FaultRun:
             return all(registry.existing_node(n).state == pb.NODE_STATE_DOWN for n in nodes)
         down = await until(all_down, s.wait_s)
         t_down = self.now()
+        whole = None
+        if self.fed.healer is not None:  # killed for good: replacements take their places
+            async def full() -> bool:
+                return strength(self.fed)["full"]
+            if await until(full, s.wait_s + self.fed.scn.heal.replace_after_s):
+                whole = round(self.now() - t_kill, 3)
         recovery = {}
         for u in moved:
             after = [r for r in traffic.records if r["user"] == u and r["ok"] and r["t0"] >= t_kill]
@@ -125,6 +133,7 @@ class FaultRun:
             "users_on_killed_nodes": moved, "users_now_on": new_home,
             "users_moved_to_survivors": sum(new_home[u] not in self.killed_nodes and bool(new_home[u]) for u in moved),
             "marked_down_after_s": round(t_down - t_kill, 3) if down else None,
+            "full_strength_after_s": whole,  # replacements healthy (self-healing on), else None
             "recovery_s": recovery,
             "max_recovery_s": max((v for v in recovery.values() if v is not None), default=None),
             "every_probe_answered_after_kill": settled,
@@ -307,11 +316,13 @@ class FaultRun:
         traffic.phase = "before"
         load = asyncio.create_task(traffic.run(stop))
         try:
+            if f.kill9:
+                out["heal"] = await heal_cases(self, f.kill9)
             if f.kill_nodes:
                 out["kill"] = await self.kill(f.kill_nodes)
             if f.restart_coordinator:
                 out["restart"] = await self.restart()
-            if not f.kill_nodes and not f.restart_coordinator:
+            if not f.kill_nodes and not f.restart_coordinator and not f.kill9:
                 await traffic.answered_since(self.now(), 1, s.wait_s)
         finally:
             stop.set()
@@ -333,6 +344,10 @@ class FaultRun:
         if "kill" in out:
             kill = out["kill"]
             checks["users_failed_over"] = kill["users_moved_to_survivors"] == len(kill["users_on_killed_nodes"])
+        if "heal" in out:
+            cases = out["heal"]["cases"]
+            checks["healed_to_full_strength"] = all(c["full_strength"] for c in cases)
+            checks["no_adapter_lost_to_kill9"] = all(c.get("adapters_lost", 1) == 0 for c in cases)
         if "restart" in out:
             checks["registry_survived_restart"] = out["restart"]["registry_survived"]
         for nid, what in (("fault-cut", "cut_stream_resumed_from_offset"),
@@ -377,7 +392,7 @@ async def run_faults(fed: LocalFederation, report: dict, settings: FaultSettings
 def wanted(scn: Scenario) -> bool:
     """Whether the scenario's ``[faults]`` asks for any fault."""
     f = scn.faults
-    return bool(f.kill_nodes or f.cut_stream_at or f.corrupt_chunks or f.restart_coordinator)
+    return bool(f.kill_nodes or f.cut_stream_at or f.corrupt_chunks or f.restart_coordinator or f.kill9)
 
 
 LIVE_PART = LivePart("faults", wanted, run_faults)
