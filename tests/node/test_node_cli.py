@@ -13,6 +13,7 @@ import json
 import math
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -193,3 +194,49 @@ def test_node_arguments_are_checked_before_anything_starts(tmp_path):
     with pytest.raises(NodeCliError, match="cannot read"):
         read_token(tmp_path / "missing", {})
     assert read_token(None, {"FRACTAL_NODE_TOKEN": " tok \n"}) == "tok"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_nodes_over_tls_both_ways(tmp_path):
+    """--tls-ca reaches a TLS coordinator; --tls-cert/--tls-key make the node's own server TLS only
+    (the coordinator, given --node-tls-ca, calls it over TLS to score)."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=quickstart-ca")
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("coord", "node"):  # both signed by the test's CA, both valid for 127.0.0.1
+        openssl("req", *ec[:-2], "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", "-extfile", "san.cnf")
+    env = {**os.environ, "FRACTAL_ADMIN_TOKEN": ADMIN, "FRACTAL_NODE_TOKEN": NODE, "GRPC_VERBOSITY": "ERROR"}
+    bundle, tok = tmp_path / "base.ffb", tmp_path / "tokenizer.json"
+    assert run(["model", "export", "--preset", "tiny", "--codec", "int8", "--out", str(bundle), "--tokenizer-out",
+                str(tok)], env).returncode == 0
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    coord = Proc(["coordinator", "--port", str(port), "--db", str(tmp_path / "db"), "--bundle-dir",
+                  str(tmp_path / "bundles"), "--tokenizer", str(tok), "--tls-cert", str(tmp_path / "coord.pem"),
+                  "--tls-key", str(tmp_path / "coord.key"), "--node-tls-ca", str(tmp_path / "ca.pem")], env)
+    procs = [coord]
+    try:
+        coord.until("listening on")
+        client = env | {"FRACTAL_TOKEN": ADMIN, "FRACTAL_ADDRESS": address}
+        ca = ["--tls-ca", str(tmp_path / "ca.pem")]
+        assert run(["coordinator.client", *ca, "put-bundle", "base-int8", str(bundle), "--model", "base"],
+                   client).returncode == 0
+        plain = Proc(["node", "--coordinator", address, "--node-id", "no-tls", "--timeout", "20"], env)
+        node = Proc(["node", "--coordinator", address, "--node-id", "tls-1", *ca, "--tls-cert",
+                     str(tmp_path / "node.pem"), "--tls-key", str(tmp_path / "node.key")], env)
+        procs += [plain, node]
+        assert "fetched" in node.until("joined")
+        s = run(["coordinator.client", *ca, "--json", "score", TEXT], client)
+        assert s.returncode == 0, s.stderr
+        assert json.loads(s.stdout)["node_id"] == "tls-1"
+        assert plain.p.wait(60) == 2  # a plaintext node cannot join a TLS coordinator
+        assert node.stop() == 0 and coord.stop() == 0
+    finally:
+        for p in procs:
+            if p.p.poll() is None:
+                p.p.kill()
