@@ -48,18 +48,21 @@ def write_plots(section: dict[str, Any], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted((r["bytes_per_token"] / 1e3, r["ppl_ratio"] or 1.0, r["budget"]) for r in rows
-                     if r["policy"] == policy and r["budget_unit"].startswith("experts"))
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
-        for x, y, k in pts:
-            ax.annotate(f"{k}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xlabel("KB per token (expert weights + activations)")
-    ax.set_ylabel("perplexity / fully materialised")
-    ax.set_title("Live prefetching: bytes against quality (labels: experts per block)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    panels = ((axes[0], lambda r: r["ppl_ratio"] or 1.0, "perplexity / fully materialised"),
+              (axes[1], lambda r: r["stall_seconds"] / max(r["requests"], 1), "stall per request (virtual s)"))
+    for ax, y, label in panels:
+        for i, policy in enumerate(dict.fromkeys(r["policy"] for r in rows)):
+            pts = sorted((r["bytes_per_token"] / 1e3, y(r), r["budget"]) for r in rows
+                         if r["policy"] == policy and r["budget_unit"].startswith("experts"))
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^D"[i % 4], label=policy, alpha=0.8)
+            for x, v, k in pts:
+                ax.annotate(f"{k}", (x, v), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xlabel("KB per token (expert weights + activations)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Live prefetching per miss policy (labels: experts per block)")
     return [save_figure(fig, out, "prefetch_live_bytes_quality.png")]
