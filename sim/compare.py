@@ -100,7 +100,7 @@ def _cell(x: Any) -> str:
     if x is None:
         return "—"
     if isinstance(x, float):
-        return f"{x:.4g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return f"{x:,.1f}" if abs(x) >= 100 else f"{x:.4f}" if abs(x) >= 1 else f"{x:.4g}"
     return str(x)
 
 
@@ -114,7 +114,7 @@ def to_markdown(result: dict, name_a: str, name_b: str) -> str:
         lines += ["The two runs have the same scenario."]
     lines += ["", "| figure | unit | A | B | B / A |", "| --- | --- | ---: | ---: | ---: |"]
     for f in result["figures"]:
-        r = "—" if f["b_over_a"] is None else f"{f['b_over_a']:.3f}"
+        r = "—" if f["b_over_a"] is None else f"{f['b_over_a']:.4f}"
         lines.append(f"| {f['figure']} | {f['unit']} | {_cell(f['a'])} | {_cell(f['b'])} | {r} |")
     return "\n".join(lines)
 

@@ -122,7 +122,7 @@ def test_compare_two_points(sweep, capsys) -> None:
     assert "  model.expert_codec: fp32 -> int8" in text
     ratio = s["rows"][1]["bytes_total"] / s["rows"][0]["bytes_total"]
     line = next(line for line in text.splitlines() if line.startswith("| bytes, total |"))
-    assert line.endswith(f"| {ratio:.3f} |")
+    assert line.endswith(f"| {ratio:.4f} |")
     assert compare_main([str(a / "report.json"), str(b), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     by = {f["figure"]: f for f in got["figures"]}
