@@ -71,10 +71,13 @@ def write_plots(res: PlanResult, out: Path) -> list[str]:
         files.append(save_figure(fig, out, "latency_at_peak.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    top = max(float(per.max()) for per in res.school_day_bytes.values()) / 1e6
+    edges = np.linspace(0, top * 1.01 + 1e-9, 81)  # the same bins for every mode
     for mode, per in res.school_day_bytes.items():
-        ax.hist(per / 1e6, bins=60, histtype="step", label=mode)
+        ax.hist(per / 1e6, bins=edges, histtype="step", label=mode)
+    ax.set_yscale("log")
     ax.set_xlabel("bytes on a school's link per day (MB, both directions)")
-    ax.set_ylabel("schools")
+    ax.set_ylabel("schools (log scale)")
     ax.set_title("Bytes per school per day")
     ax.legend()
     files.append(save_figure(fig, out, "bytes_per_school_day.png"))
