@@ -2,6 +2,7 @@
 
     python -m sim.plan --scenario scenarios/target_215k.toml --out runs/plan-215k
     python -m sim.plan --scenario F.toml --calibration runs/calib-small      # another calibration run
+    python -m sim.plan --scenario F.toml --set rollout.relay_fanout=4 --set network.egress_mbps=100   # what-ifs
     python -m sim.plan calibrate --preset small --out runs/calib-small       # make a calibration run (sim.run)
     python -m sim.plan validate runs/calib-small                             # predict a real run, compare
 
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="a sim.run output folder to calibrate from (overrides the scenario's `calibration`)")
     ap.add_argument("--out", default="runs/plan", help="output folder (default runs/plan)")
     ap.add_argument("--seed", type=int, help="seed of every draw (overrides the scenario's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a scenario key, value in TOML (repeatable): --set rollout.relay_fanout=4")
     ap.add_argument("--quiet", action="store_true", help="the summary only")
     sub = ap.add_subparsers(dest="command", metavar="{calibrate,validate}")
     cal = sub.add_parser("calibrate", help="run the real federation (sim.run) to calibrate from",
@@ -56,7 +59,7 @@ def run_plan(args: argparse.Namespace) -> int:
     """Load, check, simulate, write; prints the answers."""
     if not args.scenario:
         raise config.PlanError("--scenario: a plan scenario file is required (or a command: calibrate, validate)")
-    scn = config.load(args.scenario)
+    scn = config.load(args.scenario, args.set)
     if args.seed is not None:
         scn = dataclasses.replace(scn, seed=args.seed).validate()
     source = args.calibration or scn.calibration

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,10 +273,31 @@ def from_dict(data: dict, *, base_dir: Path | None = None) -> PlanScenario:
     return PlanScenario(**kwargs).validate()
 
 
-def load(path: str | Path) -> PlanScenario:
-    """Read and validate a plan scenario file (its name defaults to the file's stem)."""
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> PlanScenario:
+    """Read and validate a plan scenario file (its name defaults to the file's stem), with ``overrides``
+    (``"rollout.relay_fanout=4"``, values in TOML) applied first."""
     try:
         data = read_toml(path)
     except ScenarioError as exc:
         raise PlanError(str(exc)) from None
+    for item in overrides:
+        apply_override(data, item)
     return from_dict(data, base_dir=Path(path).parent)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set ``KEY=VALUE`` (KEY dotted, VALUE a TOML value: 4, 0.5, "fibre", [0, 1]) in parsed TOML ``data``."""
+    key, eq, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not eq or not all(parts):
+        raise PlanError(f"--set {item!r}: expected KEY=VALUE, e.g. rollout.relay_fanout=4")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()  # a bare word is a string
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise PlanError(f"--set {item!r}: {p} is not a table")
+    node[parts[-1]] = parsed

@@ -74,7 +74,7 @@ def write_plots(res: PlanResult, out: Path) -> list[str]:
     top = max(float(per.max()) for per in res.school_day_bytes.values()) / 1e6
     edges = np.linspace(0, top * 1.01 + 1e-9, 81)  # the same bins for every mode
     for mode, per in res.school_day_bytes.items():
-        ax.hist(per / 1e6, bins=edges, histtype="step", label=mode)
+        ax.hist(per / 1e6, bins=edges.tolist(), histtype="step", label=mode)
     ax.set_yscale("log")
     ax.set_xlabel("bytes on a school's link per day (MB, both directions)")
     ax.set_ylabel("schools (log scale)")

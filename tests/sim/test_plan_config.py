@@ -81,3 +81,15 @@ def test_cli_help():
     assert p.returncode == 0 and "--calibration" in p.stdout and "calibrate" in p.stdout
     for sub in ("calibrate", "validate"):
         assert run_cli(sub, "--help").returncode == 0
+
+
+def test_overrides_set_keys_and_are_validated(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text("[rollout]\nrelay_fanout = 2\n")
+    scn = load(f, ["rollout.relay_fanout=4", "network.egress_mbps=100", 'population.links={"fibre" = 1.0}'])
+    assert scn.rollout.relay_fanout == 4 and scn.network.egress_mbps == 100.0
+    assert scn.population.links == {"fibre": 1.0}
+    with pytest.raises(PlanError, match="^rollout.relay_fanout:"):
+        load(f, ["rollout.relay_fanout=0"])
+    with pytest.raises(PlanError, match="expected KEY=VALUE"):
+        load(f, ["rollout.relay_fanout"])
