@@ -177,12 +177,18 @@ def calibrate(out: str | Path, *, preset: str = "small", nodes: int = 32, seed: 
     its calibration. Trains or loads the preset's models ($FRACTAL_CACHE), unless ``suite`` (a
     ``model.pipeline.Suite`` of that preset and seed) is given."""
     import asyncio
+    import os
 
+    from ..console import noise_to
     from ..run import run_federation
     from ..scenario import load, override
 
     scn = load(CALIBRATION_SCENARIO)
     scn = override(scn, "federation", nodes=nodes, preset=preset, seed=seed)
     scn = override(scn, "model", expert_codec=codec)
-    asyncio.run(run_federation(scn, Path(out), progress=progress, suite=suite))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with noise_to(out / "stderr.log"):  # what Ray and gRPC print goes to the run's stderr.log, as sim.run's
+        asyncio.run(run_federation(scn, out, progress=progress, suite=suite))
     return from_run(out)
