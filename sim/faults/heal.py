@@ -77,7 +77,7 @@ class HealCases:
             return [rng.choice(pick)]
         order = rng.sample(live, len(live))  # half
         chosen: list[int] = []
-        while sum(len(fed.actor_nodes[i]) for i in chosen) < math.ceil(len(fed.plans) / 2):
+        while sum(len(fed.actor_nodes[i]) for i in chosen) < math.ceil(len(fed.plans) / 2) and len(chosen) < len(order):
             chosen.append(order[len(chosen)])
         return sorted(chosen)
 
@@ -110,17 +110,20 @@ class HealCases:
         settled = await traffic.answered_since(t_full, s.requests_after_fault, s.wait_s)
         registry = fed.coordinator.registry
         current = fed.healer.current if fed.healer is not None else {n: n for n in nodes}
-        came_back = {}
+        came_back, registered_after = {}, {}
         for n in nodes:
             rec = registry.get_node(current[n])
             how = "replaced" if current[n] != n else "restarted"
-            came_back[n] = how if rec is not None and rec.healthy and rec.registered_ms >= since_ms else "not yet"
+            back = rec is not None and rec.healthy and rec.registered_ms >= since_ms
+            came_back[n] = how if back else "not yet"
+            if back:  # when its process (restarted or new) had it registered again
+                registered_after[n] = round((rec.registered_ms - since_ms) / 1000, 3)
         requests = summarise_requests([r for r in traffic.records if r["phase"] == phase])
         end = strength(fed, since_ms, set(nodes))
         return {
             "case": case, "nodes_killed": nodes, "processes_killed": len(victims), "restartable": not lost,
             "seconds_to_full_strength": round(t_full - t_kill, 3) if full else None,
-            "full_strength": full, "came_back": came_back,
+            "full_strength": full, "came_back": came_back, "registered_again_after_s": registered_after,
             "requests": requests["requests"],
             "requests_failed": requests["requests_failed"],
             "requests_unanswered": requests["requests_unanswered"],
