@@ -75,6 +75,7 @@ def run_once(preset: str, nodes: int, out: Path, *, seed: int = 0, sample_s: flo
     peak_rss = peak_pss = peak_procs = 0
     least_free = available_bytes()
     stopped = ""
+    load_start = os.getloadavg()[0]  # the machine is shared: say how busy it was
     t0 = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -100,7 +101,8 @@ def run_once(preset: str, nodes: int, out: Path, *, seed: int = 0, sample_s: flo
     wall = time.perf_counter() - t0
     row: dict[str, Any] = {"preset": preset, "nodes": nodes, "wall_s": round(wall, 2), "peak_rss_bytes": peak_rss,
            "peak_pss_bytes": peak_pss, "peak_processes": peak_procs, "least_available_bytes": least_free,
-           "returncode": proc.returncode, "stopped": stopped}
+           "returncode": proc.returncode, "stopped": stopped,
+           "load_average": [round(load_start, 1), round(os.getloadavg()[0], 1)]}
     report = out / "report.json"
     if not stopped and proc.returncode == 0 and report.exists():
         r = json.loads(report.read_text())
