@@ -154,6 +154,7 @@ def sweep(presets: tuple[str, ...], sizes: tuple[int, ...], out: Path, *, seed: 
     (and only while it runs), so that other heavy jobs on the machine never overlap a measured run.
     """
     rows: list[dict[str, Any]] = []
+    out.mkdir(parents=True, exist_ok=True)
 
     def once(preset: str, n: int, name: str) -> dict[str, Any]:
         with holding(lock):
@@ -170,6 +171,8 @@ def sweep(presets: tuple[str, ...], sizes: tuple[int, ...], out: Path, *, seed: 
             else:
                 rows.append(once(preset, n, f"{preset}-{n}"))
                 failed = rows[-1]["stopped"]
+            with open(out / "rows.jsonl", "a") as f:  # kept as it goes: a sweep cut short keeps its runs
+                f.write(json.dumps(rows[-1]) + "\n")
             if progress:
                 progress(rows[-1])
     return rows
