@@ -144,17 +144,26 @@ async def run_federation(scn: Scenario, out: Path, *, suite: Suite | None = None
         phases["workload"] = time.perf_counter() - t
         stats = stats_to_dict(fed.coordinator.core.stats(None))  # bytes and request counters
         report = assemble(scn, fed, stats, workload, links)
+        # each section's wall time too: some evaluate models in this process (a warm run's tail)
+        t = time.perf_counter()
         add_section(report, regime.section(suite))
+        phases["section model_regime"] = time.perf_counter() - t
+        t = time.perf_counter()
         add_section(report, codec_quality.section(suite, scn, workload.users, workload.unknown))
+        phases["section codec_quality"] = time.perf_counter() - t
         if fed.soup_instances:
+            t = time.perf_counter()
             add_section(report, soup.section(fed, stats, workload.soup, scn.model.expert_codec))
+            phases["section soup"] = time.perf_counter() - t
         report["memory"] = await fed.memory()  # RSS and PSS of every node actor, per node
         if extra is not None:
             t = time.perf_counter()
             await extra(fed, report)
             phases["extra"] = time.perf_counter() - t
     finally:
+        t = time.perf_counter()
         await fed.stop()
+        phases["stop"] = time.perf_counter() - t
     report["wall_phases"] = {k: round(v, 2) for k, v in phases.items()}
     report["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     report["model_timings"] = suite.timings

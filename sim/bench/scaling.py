@@ -152,6 +152,7 @@ def sweep(presets: tuple[str, ...], sizes: tuple[int, ...], out: Path, *, seed: 
     run trains the preset's models (a Soup-of-Experts bank is built only from 16 nodes on) or reads
     them from a cold disk. ``lock``: a file each run holds a ``flock`` on
     (and only while it runs), so that other heavy jobs on the machine never overlap a measured run.
+    Each run's row is appended to ``out/rows.jsonl`` as soon as it ends.
     """
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
