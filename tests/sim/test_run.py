@@ -82,6 +82,8 @@ def test_report_files_and_keys(federation_run):
     assert all({"kind", "node", "bytes", "start", "end"} <= set(e) for e in events)
     assert all(e["end"] >= e["start"] for e in events)
     assert report["requests"]["failed"] == 0
+    # the tail after the workload is timed part by part
+    assert {"workload", "section model_regime", "section codec_quality", "stop"} <= set(on_disk["wall_phases"])
     mem = on_disk["memory"]
     assert mem["nodes"] == 4 and len(mem["actors"]) == on_disk["actors"]
     assert all(a["rss_bytes"] > 10_000_000 for a in mem["actors"])  # a live process with torch loaded
