@@ -259,11 +259,16 @@ async def scaling(ctx) -> list[BenchResult]:
 
 
 def rows_from_saved(paths: list[str]) -> list[dict]:
-    """The runs kept in `sim.bench scaling --save` files: measured ones and those not measured."""
+    """The runs kept in `sim.bench scaling --save` files (measured ones and those not measured), or in
+    a sweep's ``rows.jsonl`` (one run a line, as each ended: what a sweep cut short leaves)."""
     rows: list[dict] = []
     for path in paths:
         try:
-            saved = json.loads(Path(path).read_text())
+            text = Path(path).read_text()
+            if path.endswith(".jsonl"):
+                rows += [json.loads(line) for line in text.splitlines() if line.strip()]
+                continue
+            saved = json.loads(text)
         except (OSError, ValueError) as exc:
             raise BenchError(f"{path}: not a saved benchmark list ({exc})") from None
         for r in saved:
@@ -290,13 +295,14 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sim.bench.scaling SAVED.json ... [--plot FILE.png]`: the table (and figure) of saved sweeps."""
+    """`python -m sim.bench.scaling SAVED.json|rows.jsonl ... [--plot FILE.png]`: the table (and figure)
+    of saved sweeps."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m sim.bench.scaling",
                                  description="The table and the figure of scaling sweeps saved by "
                                              "`python -m sim.bench scaling --save FILE.json`.")
-    ap.add_argument("saved", nargs="+", metavar="SAVED.json")
+    ap.add_argument("saved", nargs="+", metavar="SAVED.json|rows.jsonl")
     ap.add_argument("--plot", metavar="FILE.png", help="draw the figure there")
     args = ap.parse_args(argv)
     try:

@@ -239,3 +239,10 @@ def test_saved_sweeps_give_back_their_runs_as_a_table_and_a_figure(tmp_path) -> 
     assert len(lines) == 2 + 3 and "| tiny | 128 | 4 | 25.0 s | 5.0 s |" in lines[3]
     assert "available memory fell below 3 GiB" in lines[4] and (tmp_path / "f.png").exists()
     assert scaling_main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_a_sweeps_rows_file_reads_back_as_its_runs(tmp_path) -> None:
+    from sim.bench.scaling import rows_from_saved
+    rows = [_row("tiny", 32, 10.0, 1.0), {"preset": "small", "nodes": 32, "stopped": "sim.run exited with 1"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert rows_from_saved([str(tmp_path / "rows.jsonl")]) == rows
