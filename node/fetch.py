@@ -68,6 +68,21 @@ class FetchPolicy:
             raise ValueError(f"invalid fetch policy {self}")
 
 
+async def resume_after(policy: FetchPolicy, stalls: int, *, progressed: bool, broken: str, what: str,
+                       tail: str = "") -> int:
+    """The shared resume rule after a broken stream (whole bundles and byte ranges): the count of broken
+    streams in a row that brought no data (0 after progress); FetchError once it reaches
+    ``policy.max_stalls``, else a pause (``backoff_s`` doubled per stall, at most 1 s) before the caller
+    asks again from where the good bytes end."""
+    stalls = 0 if progressed else stalls + 1
+    if stalls >= policy.max_stalls:
+        raise FetchError(f"fetching {what}: {stalls} streams in a row brought no data "
+                         f"(last: {broken or 'stream ended early'}){tail}")
+    if stalls:
+        await asyncio.sleep(min(1.0, policy.backoff_s * 2 ** (stalls - 1)))
+    return stalls
+
+
 @dataclass
 class Fetched:
     """A bundle received whole, every checksum verified, with what it cost."""
@@ -169,12 +184,6 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
                                  grpc.StatusCode.DATA_LOSS)
             got.rollback(0)
             continue
-        if not broken:
-            broken = "stream ended early"
-        stalls = 0 if got.size > start else stalls + 1
-        if stalls >= policy.max_stalls:
-            raise FetchError(f"fetching bundle {ref.name!r}: {stalls} streams in a row brought no data "
-                             f"(last: {broken}); stopped at byte {got.size} of {total}")
+        stalls = await resume_after(policy, stalls, progressed=got.size > start, broken=broken,
+                                    what=f"bundle {ref.name!r}", tail=f"; stopped at byte {got.size} of {total}")
         resumes += 1
-        if stalls:
-            await asyncio.sleep(min(1.0, policy.backoff_s * 2 ** (stalls - 1)))

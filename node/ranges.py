@@ -15,7 +15,6 @@ verifies) once per bundle and keeps it, then each range with ``NodeControl.Fetch
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from proto.bundle import Bundle, BundleError, Manifest, TensorRecord, read_manif
 from proto.bundle.format import HEADER_SIZE, parse_header
 from proto.expert_ranges import RangeError, entries_in, head_range
 
-from .fetch import _FATAL, FetchError, FetchPolicy
+from .fetch import _FATAL, FetchError, FetchPolicy, resume_after
 
 
 @dataclass
@@ -69,13 +68,9 @@ async def _read(stub: rpc.NodeControlStub, name: str, offset: int, length: int, 
             call.cancel()
         if len(got) == length:
             break
-        stalls = 0 if len(got) > start else stalls + 1
-        if stalls >= policy.max_stalls:
-            raise FetchError(f"fetching {name!r} bytes {offset}+{length}: {stalls} streams in a row brought no "
-                             f"data (last: {broken or 'stream ended early'})")
+        stalls = await resume_after(policy, stalls, progressed=len(got) > start, broken=broken,
+                                    what=f"{name!r} bytes {offset}+{length}")
         cost.resumes += 1
-        if stalls:
-            await asyncio.sleep(min(1.0, policy.backoff_s * 2 ** (stalls - 1)))
     return bytes(got)
 
 
