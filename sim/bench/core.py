@@ -70,6 +70,7 @@ class BenchConfig:
     scaling_min_free_gib: float = 3.0  # a scaling run is stopped when the machine has less available
     scaling_plot: str = ""  # where the scaling sweep draws its figure ("": nowhere)
     scaling_lock: str = ""  # a file each scaling run holds a flock on while it runs ("": none)
+    scaling_warmup: bool = True  # an unreported run of each preset first (models and disk cache warm)
     plan_scenario: str = "scenarios/target_215k.toml"  # plan of the `plan` benchmark; "": a 200-school cut of it
     des_requests: int = 200_000  # requests of the des_loop benchmark (a school day's FIFO queues)
     seed: int = 0

@@ -173,6 +173,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         changes["scaling_plot"] = args.plot
     if args.lock:
         changes["scaling_lock"] = args.lock
+    if args.no_warmup:
+        changes["scaling_warmup"] = False
     if args.codecs:
         changes["decode_codecs"] = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
     return dataclasses.replace(cfg, **changes)
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-free-gib", type=float,
                     help="stop a scaling run when the machine has less memory available (default 3)")
     ap.add_argument("--plot", metavar="FILE.png", help="draw the scaling sweep's figure there")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="no unreported warm-up run per preset before the scaling sweep's runs")
     ap.add_argument("--lock", metavar="FILE",
                     help="each scaling run holds a flock on FILE while it runs (e.g. /tmp/heavy.lock)")
     ap.add_argument("--seed", type=int, help="seed of every random choice (default 0)")

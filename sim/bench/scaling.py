@@ -249,7 +249,7 @@ async def scaling(ctx) -> list[BenchResult]:
     out = ctx.tmpdir("scaling")
     rows = await asyncio.get_running_loop().run_in_executor(None, lambda: sweep(
         cfg.scaling_presets, cfg.scaling_nodes, out, seed=cfg.seed, min_free_gib=cfg.scaling_min_free_gib,
-        lock=cfg.scaling_lock, progress=_print_row))
+        lock=cfg.scaling_lock, warmup=cfg.scaling_warmup, progress=_print_row))
     if cfg.scaling_plot:
         plot(rows, Path(cfg.scaling_plot))
     got = results(rows)
