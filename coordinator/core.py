@@ -130,6 +130,8 @@ class Core:
         self.prefetch_planner: Callable[[NodeRecord], list[pb.ByteRange]] | None = None
         # Where a partial node sends the hidden states of its remote misses (HeartbeatReply.expert_peer).
         self.expert_peer: Callable[[NodeRecord], str] | None = None
+        # The expert usage a partial node biases its router toward (HeartbeatReply.router_prior); None: none.
+        self.router_prior: Callable[[NodeRecord], pb.RouterPrior | None] | None = None
         # Nodes that registered with a Soup-of-Experts instantiation on record, not yet re-applied
         # (see resume_soup); and the tasks re-applying them, kept referenced until done.
         self.soup_pending: set[str] = set()

@@ -104,6 +104,10 @@ class NodeControlService(rpc.NodeControlServicer):
                 reply.prefetch.extend(planner(self.core.registry.existing_node(node_id)))
             if self.core.expert_peer is not None:
                 reply.expert_peer = self.core.expert_peer(self.core.registry.existing_node(node_id))
+            if self.core.router_prior is not None:
+                prior = self.core.router_prior(self.core.registry.existing_node(node_id))
+                if prior is not None:
+                    reply.router_prior.CopyFrom(prior)
         self._count(node_id, request, reply)
         return reply
 

@@ -16,7 +16,10 @@ budgeted node it
 4. sends the plan as ``HeartbeatReply.prefetch`` byte ranges (``proto.expert_ranges``): the non-expert
    tensors first, then the chosen experts, most wanted first, only when it differs from the expert mask
    the node reported; and, for remote misses, the address of a node that holds every expert
-   (``HeartbeatReply.expert_peer``).
+   (``HeartbeatReply.expert_peer``);
+5. for a node whose budget asks for it (``NodeBudget.prior``), sends the usage the plan was chosen from
+   (``HeartbeatReply.router_prior``, rows normalised): the node adds ``beta * log(usage)`` to its router
+   logits (``model.staged.router_prior``), so its users' tokens keep to the experts the plan holds.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .store import BundleStore
 
 LIVE_PREDICTORS = ("global", "user", "lru", "lfu", "random")  # the predictors that plan ahead of a request
 NODE_CACHES = ("lru", "lfu")  # predictors that learn from their own node's routes only
+PRIOR_PREDICTORS = ("global", "user", "lfu")  # predictors whose scores are usage counts or frequencies
 
 
 class PlanError(ValueError):
@@ -51,6 +55,7 @@ class NodeBudget:
     budget_experts: int = 0  # per block (0: budget_bytes)
     budget_bytes: int = 0  # expert payload bytes over all blocks (0: budget_experts)
     predictor: str = "user"
+    prior: bool = False  # send the predicted usage as HeartbeatReply.router_prior (the node biases its router)
 
     def __post_init__(self) -> None:
         if (self.budget_experts > 0) == (self.budget_bytes > 0) or min(self.budget_experts, self.budget_bytes) < 0:
@@ -58,6 +63,9 @@ class NodeBudget:
                             f"budget_bytes, > 0")
         if self.predictor not in LIVE_PREDICTORS:
             raise PlanError(f"live predictor must be one of {', '.join(LIVE_PREDICTORS)}, got {self.predictor!r}")
+        if self.prior and self.predictor not in PRIOR_PREDICTORS:
+            raise PlanError(f"a router prior needs a predictor that estimates usage "
+                            f"({', '.join(PRIOR_PREDICTORS)}), got {self.predictor!r}")
 
 
 def unpack_mask(data: bytes, n_blocks: int, n_experts: int) -> np.ndarray | None:
@@ -188,6 +196,19 @@ class LivePlanner:
         keys: list[tuple[int, int] | None] = [None, *chosen]
         return [pb.ByteRange(bundle=plan.budget.source, offset=s.offset, length=s.length)
                 for k in keys for s in src.spans.get(k, [])]
+
+    def router_prior(self, node: NodeRecord) -> pb.RouterPrior | None:
+        """The usage (L, E) the plan of ``node`` is chosen from, each row normalised, for a node whose
+        budget asks for a router prior (``NodeBudget.prior``); None otherwise."""
+        if node.node_id not in self.budgets or not self.budgets[node.node_id].prior:
+            return None
+        plan = self._node(node.node_id)
+        scores = np.clip(np.asarray(plan.predictor.predict(RequestContext(user=node.node_id)), dtype=np.float64),
+                         0, None)  # (L, E)
+        L, E = scores.shape
+        rows = scores.sum(axis=1, keepdims=True)  # (L, 1)
+        usage = np.where(rows > 0, scores / np.where(rows > 0, rows, 1), 1.0 / E)  # (L, E)
+        return pb.RouterPrior(n_blocks=L, n_experts=E, usage=usage.reshape(-1).tolist())
 
     def expert_peer(self, node: NodeRecord) -> str:
         """The address of a healthy node that holds every expert (for remote misses); "" if none."""

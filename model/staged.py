@@ -16,6 +16,7 @@ used where it has none.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 
@@ -130,3 +131,18 @@ def expert_from_weights(tensors: Mapping[str, torch.Tensor], block: int, expert:
     prefix = f"blocks.{block}.moe.experts.{expert}."
     with torch.no_grad():
         return F.linear(F.gelu(F.linear(inputs, tensors[prefix + "fc1.weight"])), tensors[prefix + "fc2.weight"])
+
+
+PRIOR_FLOOR = 1e-6  # the smallest usage a prior counts with: log(0) would forbid an expert outright
+
+
+def router_prior(usage: torch.Tensor, beta: float) -> torch.Tensor:
+    """A router bias (L, E) from an expert-usage distribution ``usage`` (L, E), each row normalised here:
+    ``beta * log(max(usage, PRIOR_FLOOR))``, what :func:`staged_forward`'s ``router_bias`` takes. beta = 0
+    leaves routing unchanged; larger beta keeps tokens to the experts the usage favours."""
+    if usage.dim() != 2 or not bool(torch.isfinite(usage).all()) or bool((usage < 0).any()):
+        raise ValueError("usage must be a finite, non-negative (L, E) tensor")
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+    rows = usage.sum(dim=1, keepdim=True).clamp_min(PRIOR_FLOOR)  # (L, 1)
+    return beta * torch.log((usage / rows).clamp_min(PRIOR_FLOOR)).to(torch.float32)  # (L, E)

@@ -18,6 +18,10 @@ that is not installed, the miss policy decides:
     auto        per miss, whichever of wait and remote the link figures given in the spec predict to end
                 sooner (``down_bps``, ``up_bps``, ``rtt_s``, ``peer_rtt_s``)
 
+With ``prior_beta`` > 0 the node biases its router toward the usage the planner predicts for it
+(``HeartbeatReply.router_prior``): ``beta * log(usage)`` is added to every block's router logits
+(``model.staged.router_prior``), so requests keep to the experts the plan holds (issue 16 item 5).
+
 Each request leaves a record (hits, on-demand bytes, remote calls, substitutions, experts held); virtual
 time is sim's: it turns the records' bytes into stall seconds with its network model.
 """
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 
 from model.fractal_moe import expert_of
-from model.staged import Answer, Miss, expert_from_weights, run_expert, staged_forward
+from model.staged import Answer, Miss, expert_from_weights, router_prior, run_expert, staged_forward
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.bundle import Bundle, Manifest, TensorRecord
@@ -86,13 +90,15 @@ class PrefetchSettings:
     up_bps: float = 1e6
     rtt_s: float = 0.06
     peer_rtt_s: float = 0.005
+    prior_beta: float = 0.0  # > 0: add beta * log(the planner's usage) to the router (HeartbeatReply.router_prior)
 
     @staticmethod
     def from_dict(d: Any, *, where: str = "prefetch") -> PrefetchSettings:
         """Validate a spec's ``prefetch`` dict; ValueError naming the key at fault."""
         if not isinstance(d, dict):
             raise ValueError(f"{where} must be a dict")
-        known = {"source", "budget_experts", "budget_bytes", "policy", "down_bps", "up_bps", "rtt_s", "peer_rtt_s"}
+        known = {"source", "budget_experts", "budget_bytes", "policy", "down_bps", "up_bps", "rtt_s", "peer_rtt_s",
+                 "prior_beta"}
         extra = sorted(set(d) - known)
         if extra:
             raise ValueError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
@@ -105,6 +111,8 @@ class PrefetchSettings:
             raise ValueError(f"{where}: give exactly one of budget_experts and budget_bytes, > 0")
         if min(s.down_bps, s.up_bps) <= 0 or min(s.rtt_s, s.peer_rtt_s) < 0:
             raise ValueError(f"{where}: link figures must be > 0 (rates) and >= 0 (round trips)")
+        if not 0 <= s.prior_beta <= 10:
+            raise ValueError(f"{where}.prior_beta must be between 0 and 10, got {s.prior_beta}")
         return s
 
 
@@ -120,11 +128,13 @@ class RequestRecord:
     substituted: int = 0
     held: int = 0  # experts installed when the request started
     policy: str = ""
+    prior: list[float] | None = None  # the router prior's usage (L*E, row-major) the request ran with
 
     def as_dict(self) -> dict:
         """JSON-able."""
         return {"tokens": self.tokens, "uses": self.uses, "hits": self.hits, "fetched": self.fetched,
-                "remote": self.remote, "substituted": self.substituted, "held": self.held, "policy": self.policy}
+                "remote": self.remote, "substituted": self.substituted, "held": self.held, "policy": self.policy,
+                "prior": self.prior}
 
 
 class PartialExperts:
@@ -145,6 +155,7 @@ class PartialExperts:
         self.bytes_planned = 0  # expert and core payload fetched for plans
         self.bytes_on_demand = 0  # fetched by the wait policy
         self.installs = self.evictions = 0
+        self.prior_usage: torch.Tensor | None = None  # (L, E) the planner's last HeartbeatReply.router_prior
 
     # ------------------------------------------------------------------ ranges and the budget
 
@@ -380,7 +391,10 @@ class PartialExperts:
             rec = RequestRecord(tokens=ids.numel() - 1, held=len(self.held()), policy=self.settings.policy)
             start = mask.clone()  # (L, E) installed when the request arrived
             x = ids[:-1]
-            gen = staged_forward(served.module, x, mask, adapter)
+            usage = self.prior_usage
+            bias = router_prior(usage, self.settings.prior_beta) if usage is not None else None  # (L, E)
+            rec.prior = usage.reshape(-1).tolist() if usage is not None else None
+            gen = staged_forward(served.module, x, mask, adapter, router_bias=bias)
             step = await self.node._submit(_step, gen, None)
             while isinstance(step, Miss):
                 needed = {(step.block, int(e)) for e in torch.unique(step.route)}
@@ -398,10 +412,20 @@ class PartialExperts:
         return logps, routes
 
     async def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
-        """Take a heartbeat reply's expert peer and apply its plan (if any)."""
+        """Take a heartbeat reply's expert peer, apply its plan (if any), then its router prior (kept only
+        when ``prior_beta`` > 0; InvalidRequest when it does not fit the installed model)."""
         self.peer = reply.expert_peer or self.peer
         if reply.prefetch:
             await self.apply_plan(list(reply.prefetch))
+        if self.settings.prior_beta > 0 and reply.HasField("router_prior") and self.node.served is not None:
+            p = reply.router_prior
+            L, E = self.node.shape()
+            usage = torch.tensor(list(p.usage), dtype=torch.float32)  # (L*E,)
+            if (p.n_blocks, p.n_experts) != (L, E) or usage.numel() != L * E or not bool(torch.isfinite(usage).all()) \
+                    or bool((usage < 0).any()):
+                raise InvalidRequest(f"router prior of {p.n_blocks}x{p.n_experts} ({usage.numel()} values) does not "
+                                     f"fit this node's {L}x{E} experts as finite usage >= 0")
+            self.prior_usage = usage.view(L, E)
 
     def summary(self) -> dict:
         """JSON-able: settings, what it holds, bytes and the per-request records."""

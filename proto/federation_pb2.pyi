@@ -1420,6 +1420,7 @@ class HeartbeatReply(_message.Message):
     PREFETCH_FIELD_NUMBER: _builtins.int
     KNOWN_FIELD_NUMBER: _builtins.int
     EXPERT_PEER_FIELD_NUMBER: _builtins.int
+    ROUTER_PRIOR_FIELD_NUMBER: _builtins.int
     known: _builtins.bool
     """False when the coordinator does not know the node (it restarted from an empty DB, or the
     node was deleted): register again. An admin's DRAINING state outlives heartbeats; DOWN does
@@ -1437,6 +1438,12 @@ class HeartbeatReply(_message.Message):
     def prefetch(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
         """Byte ranges to prefetch (experts the planner expects the node's users to route to)."""
 
+    @_builtins.property
+    def router_prior(self) -> Global___RouterPrior:
+        """The expert usage the planner predicts for the node's users (what its plan was chosen from), for a
+        partial node that biases its router toward it (model.staged.router_prior); unset when none.
+        """
+
     def __init__(
         self,
         *,
@@ -1444,14 +1451,45 @@ class HeartbeatReply(_message.Message):
         prefetch: _abc.Iterable[Global___ByteRange] | None = ...,
         known: _builtins.bool = ...,
         expert_peer: _builtins.str = ...,
+        router_prior: Global___RouterPrior | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["router_prior", b"router_prior"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundles", b"bundles", "expert_peer", b"expert_peer", "known", b"known", "prefetch", b"prefetch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundles", b"bundles", "expert_peer", b"expert_peer", "known", b"known", "prefetch", b"prefetch", "router_prior", b"router_prior"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatReply: _TypeAlias = HeartbeatReply  # noqa: Y015
+
+@_typing.final
+class RouterPrior(_message.Message):
+    """A predicted expert-usage distribution: n_blocks * n_experts values, row-major (block, expert), each
+    row summing to 1. A node adds beta * log(usage) to each block's router logits (beta is the node's).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    N_BLOCKS_FIELD_NUMBER: _builtins.int
+    N_EXPERTS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    n_blocks: _builtins.int
+    n_experts: _builtins.int
+    @_builtins.property
+    def usage(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        n_blocks: _builtins.int = ...,
+        n_experts: _builtins.int = ...,
+        usage: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["n_blocks", b"n_blocks", "n_experts", b"n_experts", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouterPrior: _TypeAlias = RouterPrior  # noqa: Y015
 
 @_typing.final
 class FetchBundleRequest(_message.Message):

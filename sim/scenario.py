@@ -160,6 +160,8 @@ class PrefetchSection:
     live_budget_bytes: list[int] = field(default_factory=list)  # expert payload bytes over all blocks
     live_policies: list[str] = field(default_factory=lambda: ["substitute", "wait", "remote", "auto"])
     live_predictor: str = "user"
+    # router prior strengths of the partial nodes (each beta its own set of nodes; 0: no prior)
+    live_prior_betas: list[float] = field(default_factory=lambda: [0.0])
 
     def validate(self) -> None:
         """Raise ScenarioError on out-of-range values."""
@@ -174,7 +176,14 @@ class PrefetchSection:
         for p in self.live_policies:
             _check(p in ("wait", "substitute", "remote", "auto"), "prefetch.live_policies",
                    f"unknown policy {p!r}; choose from wait, substitute, remote, auto")
-        for key in ("live_budgets", "live_budget_bytes", "live_policies"):
+        for beta in self.live_prior_betas:
+            _check(isinstance(beta, (int, float)) and 0 <= beta <= 10, "prefetch.live_prior_betas",
+                   f"each beta is a number between 0 and 10, got {beta!r}")
+        _check(bool(self.live_prior_betas), "prefetch.live_prior_betas", "needs at least one beta (0: no prior)")
+        _check(self.live_predictor in ("global", "user", "lfu") or not any(self.live_prior_betas),
+               "prefetch.live_prior_betas", f"a router prior needs a predictor that estimates usage (global, user, "
+                                            f"lfu), not {self.live_predictor!r}")
+        for key in ("live_budgets", "live_budget_bytes", "live_policies", "live_prior_betas"):
             values = getattr(self, key)
             _check(len(set(values)) == len(values), f"prefetch.{key}", "has duplicates")
         _check(not self.live or (bool(self.live_budgets or self.live_budget_bytes) and bool(self.live_policies)),

@@ -10,12 +10,17 @@ from typing import Any
 
 import grpc
 import numpy as np
+import torch
 
 from coordinator.prefetch import NodeLinks, idle_links
 from coordinator.prefetch_live import LivePlanner, NodeBudget
+from model.codecs import decode_tensor
+from model.fractal_moe import FractalMoE
+from model.staged import router_prior, staged_forward
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
 from proto.auth_metadata import bearer_metadata
+from proto.bundle import read_bundle_verified
 
 from ..network import LinkProfile, get_link, resolve_link
 from ..prefetch_sweep import REMOTE_PEER, QualityMeter, SweepSetup, setup_for, sweep_row
@@ -26,16 +31,42 @@ from .report import markdown, write_plots
 KEY = "prefetch_live"
 
 
-def node_id_of(policy: str, budget: int, unit: str) -> str:
-    """The partial node of one configuration, e.g. ``pf-wait-8e`` (8 experts per block) or ``pf-auto-90000b``."""
-    return f"pf-{policy}-{budget}{unit}"
+def node_id_of(policy: str, budget: int, unit: str, beta: float = 0.0) -> str:
+    """The partial node of one configuration, e.g. ``pf-wait-8e`` (8 experts per block), ``pf-auto-90000b``,
+    ``pf-substitute-8e-prior0.3`` (with a router prior of strength 0.3)."""
+    return f"pf-{policy}-{budget}{unit}" + (f"-prior{beta:g}" if beta else "")
 
 
-def configs(scn: Scenario) -> list[tuple[str, int, str]]:
-    """(policy, budget, unit) of every partial node: unit "e" experts per block, "b" bytes over all blocks."""
+def configs(scn: Scenario) -> list[tuple[str, int, str, float]]:
+    """(policy, budget, unit, prior beta) of every partial node: unit "e" experts per block, "b" bytes over
+    all blocks; beta 0: no router prior."""
     pf = scn.prefetch
     budgets = [(k, "e") for k in pf.live_budgets] + [(n, "b") for n in pf.live_budget_bytes]
-    return [(p, k, u) for k, u in budgets for p in pf.live_policies]
+    return [(p, k, u, float(b)) for b in pf.live_prior_betas for k, u in budgets for p in pf.live_policies]
+
+
+def decoded_model(fed, name: str) -> FractalMoE:
+    """The shipped bundle ``name`` decoded into a FractalMoE (what every node serves), for references."""
+    data = fed.bundles[name].path.read_bytes()
+    model = FractalMoE(fed.suite.preset.model)
+    model.load_state_dict({r.name: decode_tensor(r) for r in read_bundle_verified([data]).records})
+    return model.eval()
+
+
+def with_prior_logps(model: FractalMoE, ids: np.ndarray, usage: Sequence[float] | None, beta: float) -> np.ndarray:
+    """Log-probs (n-1,) of ``ids`` (n,) on the fully materialised ``model`` whose router is biased by the prior
+    a partial node recorded for the request (``usage`` L*E values; None: no prior)."""
+    L, E = model.cfg.n_layers, model.cfg.n_experts
+    bias = None if usage is None else router_prior(torch.tensor(usage, dtype=torch.float32).view(L, E), beta)
+    x = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    with torch.no_grad():
+        gen = staged_forward(model, x[:-1], torch.ones(L, E, dtype=torch.bool), router_bias=bias)
+        try:
+            next(gen)
+            raise AssertionError("a fully materialised model never misses")
+        except StopIteration as stop:
+            logits = stop.value[0]  # (n-1, V)
+    return torch.log_softmax(logits.double(), -1).gather(1, x[1:, None])[:, 0].numpy()
 
 
 def stall_seconds(record: dict, links: NodeLinks) -> float:
@@ -76,7 +107,8 @@ def _sweep_prediction(setup: SweepSetup, predictor: str, budget: int, policy: st
 
 
 def _row(policy: str, budget: int, unit: str, summary: dict, logps: list[np.ndarray], ref: list[np.ndarray],
-         plan_bytes: list[int], link: LinkProfile, links: NodeLinks, lead_s: float) -> dict[str, Any]:
+         plan_bytes: list[int], link: LinkProfile, links: NodeLinks, lead_s: float,
+         ref_prior: list[np.ndarray]) -> dict[str, Any]:
     pf = summary["prefetch"]
     by_kind = summary["bytes"]["by_kind"]
     recs = pf["requests"]
@@ -106,6 +138,8 @@ def _row(policy: str, budget: int, unit: str, summary: dict, logps: list[np.ndar
         "remote_calls": sum(len(r["remote"]) for r in recs), "fetches_on_demand": sum(len(r["fetched"]) for r in recs),
         "installs": pf["installs"], "evictions": pf["evictions"],
         "ppl": ppl, "ppl_full": ppl_full, "ppl_ratio": ppl / ppl_full if ppl_full else None,
+        "ppl_full_with_prior": _ppl(ref_prior), "ppl_ratio_vs_full_with_prior": ppl / _ppl(ref_prior),
+        "prior_requests": sum(r.get("prior") is not None for r in recs),
         "max_abs_logp_diff_vs_full": diff,
         "experts_held": [r["held"] for r in recs], "experts_held_end": len(pf["held"]),
         "timeline": pf["timeline"],
@@ -124,17 +158,17 @@ async def live_section(fed) -> dict[str, Any]:
     peer = get_link(REMOTE_PEER)
     links = idle_links(link, peer)
     todo = configs(scn)
-    budgets = {node_id_of(p, k, u): NodeBudget(source=source, predictor=pf.live_predictor,
-                                               **({"budget_experts": k} if u == "e" else {"budget_bytes": k}))
-               for p, k, u in todo}
+    budgets = {node_id_of(p, k, u, b): NodeBudget(source=source, predictor=pf.live_predictor, prior=b > 0,
+                                                  **({"budget_experts": k} if u == "e" else {"budget_bytes": k}))
+               for p, k, u, b in todo}
     core = fed.coordinator.core
     planner = LivePlanner(core.registry, core.store, budgets, seed=scn.federation.seed)
-    core.prefetch_planner, core.expert_peer = planner, planner.expert_peer
-    specs = [{"node_id": node_id_of(p, k, u), "model": "base", "codec": codec, "link": link_name,
+    core.prefetch_planner, core.expert_peer, core.router_prior = planner, planner.expert_peer, planner.router_prior
+    specs = [{"node_id": node_id_of(p, k, u, b), "model": "base", "codec": codec, "link": link_name,
               "prefetch": {"source": source, "policy": p, "down_bps": link.down_bps, "up_bps": link.up_bps,
-                           "rtt_s": link.rtt_s, "peer_rtt_s": peer.rtt_s,
+                           "rtt_s": link.rtt_s, "peer_rtt_s": peer.rtt_s, "prior_beta": b,
                            **({"budget_experts": k} if u == "e" else {"budget_bytes": k})}}
-             for p, k, u in todo]
+             for p, k, u, b in todo]
     meta = bearer_metadata(fed.node_token)
     full = next(p for p in fed.plans if p.model == "base")
     full_address = fed.node_results[full.node_id]["address"]
@@ -163,14 +197,22 @@ async def live_section(fed) -> dict[str, Any]:
                 for ch in channels.values():
                     await ch.close()
     finally:
-        core.prefetch_planner = core.expert_peer = None
+        core.prefetch_planner = core.expert_peer = core.router_prior = None
     meter = QualityMeter(setup.model, setup.requests, max_passes=setup.config.ppl_passes) \
         if "substitute" in pf.live_policies else None
+    reference = await asyncio.to_thread(decoded_model, fed, source) if any(pf.live_prior_betas) else None
     rows = []
-    for p, k, u in todo:
-        nid = node_id_of(p, k, u)
-        row = _row(p, k, u, summaries[nid], logps[nid], ref, plan_bytes[nid], link, links, pf.lead_s)
-        if u == "e":
+    for p, k, u, b in todo:
+        nid = node_id_of(p, k, u, b)
+        recs = summaries[nid]["prefetch"]["requests"]
+        ref_prior = ref if reference is None or not b else [
+            await asyncio.to_thread(with_prior_logps, reference, req.token_ids, rec.get("prior"), b)
+            for req, rec in zip(setup.requests, recs)]
+        row = _row(p, k, u, summaries[nid], logps[nid], ref, plan_bytes[nid], link, links, pf.lead_s, ref_prior)
+        row["prior_beta"] = b
+        if b:
+            row["prior_usage"] = [rec.get("prior") for rec in recs]  # per request, L*E row-major (None: none yet)
+        if u == "e" and not b:
             row["sweep"] = await asyncio.to_thread(_sweep_prediction, setup, pf.live_predictor, k, p,
                                                    meter if p == "substitute" else None)
         rows.append(row)
@@ -179,8 +221,10 @@ async def live_section(fed) -> dict[str, Any]:
         "rows": rows,
         "planner": {"plans": len(planner.log), "log": planner.log[-200:]},
         "setup": {"requests": len(setup.requests), "tokens_per_request": int(len(setup.requests[0].token_ids)),
-                  "users": len({r.user for r in setup.requests}), "predictor": pf.live_predictor,
-                  "source_bundle": source, "expert_codec": codec, "link": link_name, "remote_peer": REMOTE_PEER,
+                  "users": len({r.user for r in setup.requests}), "request_users": [r.user for r in setup.requests],
+                  "predictor": pf.live_predictor,
+                  "source_bundle": source, "expert_codec": codec,
+                  "prior_betas": list(pf.live_prior_betas), "link": link_name, "remote_peer": REMOTE_PEER,
                   "experts": [L, E], "expert_bytes_total": int(setup.sizes.sum()), "lead_s": pf.lead_s,
                   "model": "base (no adapter), as the sweep",
                   "note": "live: one node per (policy, budget), caching across requests, plans learnt online "

@@ -43,6 +43,9 @@ def test_stall_seconds_time_each_block_as_one_fetch_and_one_remote_round_trip():
     ({"live_policies": ["teleport"]}, "prefetch.live_policies"),
     ({"live_predictor": "oracle"}, "prefetch.live_predictor"),
     ({"live_budget_bytes": [0]}, "prefetch.live_budget_bytes"),
+    ({"live_prior_betas": [-0.5]}, "prefetch.live_prior_betas"),
+    ({"live_prior_betas": []}, "prefetch.live_prior_betas"),
+    ({"live_predictor": "lru", "live_prior_betas": [0, 0.3]}, "prefetch.live_prior_betas"),
 ])
 def test_bad_live_keys_are_refused_by_name(prefetch, key):
     with pytest.raises(ScenarioError) as err:
@@ -111,5 +114,71 @@ def test_live_prefetch_runs_end_to_end_through_sim_run(tiny_suite, tmp_path):
     for r in rows.values():
         assert r["sweep"]["hit_rate"] is not None and 0 <= r["sweep"]["hit_rate"] <= 1
     assert (tmp_path / "prefetch_live_bytes_quality.png").stat().st_size > 0
-    assert "| remote | 4/block |" in (tmp_path / "report.md").read_text()
+    assert "| remote | 4/block | 0 |" in (tmp_path / "report.md").read_text()
     assert np.isfinite([r["bytes_per_token"] for r in rows.values()]).all()
+
+
+@pytest.mark.slow
+def test_live_router_prior_raises_hits_and_matches_an_independent_biased_model(tiny_suite, tmp_path):
+    """Partial nodes with and without a router prior on the same requests: the prior's nodes hit more; a
+    wait node with the prior serves exactly the shipped model whose router logits get beta * log(usage)
+    added (done here with a forward hook on each router, not model.staged), for the usage it recorded."""
+    beta, n_req = 1.0, 6
+    scn = from_dict({
+        "name": "prefetch_live_prior_tiny",
+        "federation": {"nodes": 2, "preset": "tiny"},
+        "model": {"specialists": [], "expert_codec": "int8"},
+        "workload": {"score_requests_per_user": 1, "generate_requests_per_user": 0, "mixture_requests": 0,
+                     "unknown_users": False},
+        "prefetch": {"live": True, "live_budgets": [4], "requests": n_req, "history_requests": 1,
+                     "live_policies": ["substitute", "wait"], "live_prior_betas": [0.0, beta]},
+    })
+    asyncio.run(run_federation(scn, tmp_path, suite=tiny_suite, progress=False, extra=live_parts(scn)))
+    section = json.loads((tmp_path / "report.json").read_text())["prefetch_live"]
+    rows = {(r["policy"], r["prior_beta"]): r for r in section["rows"]}
+    assert set(rows) == {(p, b) for p in ("substitute", "wait") for b in (0.0, beta)}
+    for p in ("substitute", "wait"):
+        assert rows[(p, beta)]["hit_rate"] > rows[(p, 0.0)]["hit_rate"], p
+        assert rows[(p, beta)]["prior_requests"] == n_req and rows[(p, 0.0)]["prior_requests"] == 0
+
+    data = (tmp_path / "work" / "bundles" / "base-int8.ffb").read_bytes()
+    cfg = tiny_suite.preset.model
+    L, E = cfg.n_layers, cfg.n_experts
+    model = FractalMoE(cfg)
+    model.load_state_dict({r.name: decode_tensor(r) for r in read_bundle_verified([data]).records})
+    model.eval()
+    users = list(dict.fromkeys(section["setup"]["request_users"]))  # the order requests were dealt in
+    assert sorted(users) == sorted(tiny_suite.known_users)
+    per_user = {u: windows(tiny_suite.ids(u, "eval"), cfg.context, math.ceil(n_req / len(users))) for u in users}
+    pairs = interleave(per_user, n_req)
+    assert [u for u, _ in pairs] == section["setup"]["request_users"]
+
+    def ppl_with_prior(usages) -> float:  # the shipped model, each request's router biased by its usage
+        nll, n = 0.0, 0
+        for (_, ids), usage in zip(pairs, usages, strict=True):
+            u = np.asarray(usage, dtype=np.float64).reshape(L, E)
+            bias = torch.tensor(beta * np.log(np.maximum(u / u.sum(axis=1, keepdims=True), 1e-6)),
+                                dtype=torch.float32)  # (L, E)
+            hooks = [blk.moe.router.register_forward_hook(lambda _m, _i, out, row=bias[b]: out + row)
+                     for b, blk in enumerate(model.blocks)]
+            try:
+                x = torch.as_tensor(ids, dtype=torch.long)
+                with torch.no_grad():
+                    lp = torch.log_softmax(model(x[None, :-1]).logits[0].double(), -1).gather(1, x[1:, None])[:, 0]
+            finally:
+                for h in hooks:
+                    h.remove()
+            nll -= float(lp.sum())
+            n += lp.numel()
+        return math.exp(nll / n)
+
+    for p in ("substitute", "wait"):
+        r = rows[(p, beta)]
+        assert math.isclose(r["ppl_full_with_prior"], ppl_with_prior(r["prior_usage"]), rel_tol=1e-4), p
+        assert r["ppl_ratio"] == pytest.approx(r["ppl"] / rows[(p, 0.0)]["ppl_full"], rel=1e-9)
+    wait = rows[("wait", beta)]
+    assert abs(wait["ppl_ratio_vs_full_with_prior"] - 1) < 1e-4  # every miss fetched: the biased full model
+    assert rows[("substitute", 0.0)]["ppl_ratio_vs_full_with_prior"] == rows[("substitute", 0.0)]["ppl_ratio"]
+    for r in rows.values():
+        assert r["bytes"]["expert_weights"] == r["bytes"]["expert_planned"] + r["bytes"]["expert_on_demand"] > 0
+        assert all(h <= 4 * L for h in r["experts_held"])

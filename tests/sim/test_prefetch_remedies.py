@@ -8,7 +8,7 @@ import torch
 
 from model.config import get_preset
 from model.fractal_moe import build_model
-from model.staged import staged_forward
+from model.staged import router_prior, staged_forward
 from sim.prefetch_live import remedies
 
 
@@ -25,6 +25,18 @@ def test_a_router_bias_moves_routing_as_added_logits():
             next(gen)
     _, wanted, _ = stop.value.value
     assert bool((wanted == 3).all())
+
+
+def test_router_prior_is_beta_times_log_of_the_normalised_usage_and_refuses_bad_input():
+    usage = torch.tensor([[2.0, 6.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # (L, E) counts, rows normalised inside
+    bias = router_prior(usage, 0.5)
+    expected = 0.5 * np.log(np.array([[0.25, 0.75, 1e-6, 1e-6], [0.25] * 4]))
+    assert np.allclose(bias.numpy(), expected, rtol=1e-6)
+    assert bool((router_prior(usage, 0.0) == 0).all())
+    for bad_usage, beta in ((torch.tensor([1.0, 2.0]), 1.0), (torch.tensor([[1.0, -1.0]]), 1.0),
+                            (torch.tensor([[1.0, float("nan")]]), 1.0), (usage, -0.1), (usage, float("inf"))):
+        with pytest.raises(ValueError):
+            router_prior(bad_usage, beta)
 
 
 @pytest.mark.slow
