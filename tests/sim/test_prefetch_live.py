@@ -53,17 +53,21 @@ def test_bad_live_keys_are_refused_by_name(prefetch, key):
     assert str(err.value).startswith(key + ":")
 
 
-@pytest.mark.slow
-def test_live_prefetch_runs_end_to_end_through_sim_run(tiny_suite, tmp_path):
-    scn = from_dict({
-        "name": "prefetch_live_tiny",
-        "federation": {"nodes": 2, "preset": "tiny"},
+def tiny_live(name: str, **prefetch):
+    """A live prefetch scenario at tiny: 2 base nodes, int8 experts, one scoring request per user."""
+    return from_dict({
+        "name": name, "federation": {"nodes": 2, "preset": "tiny"},
         "model": {"specialists": [], "expert_codec": "int8"},
         "workload": {"score_requests_per_user": 1, "generate_requests_per_user": 0, "mixture_requests": 0,
                      "unknown_users": False},
-        "prefetch": {"live": True, "live_budgets": [4, 16], "requests": REQUESTS, "history_requests": 1,
-                     "live_policies": ["substitute", "wait", "remote", "auto"]},
+        "prefetch": {"live": True, "history_requests": 1, **prefetch},
     })
+
+
+@pytest.mark.slow
+def test_live_prefetch_runs_end_to_end_through_sim_run(tiny_suite, tmp_path):
+    scn = tiny_live("prefetch_live_tiny", live_budgets=[4, 16], requests=REQUESTS,
+                    live_policies=["substitute", "wait", "remote", "auto"])
     asyncio.run(run_federation(scn, tmp_path, suite=tiny_suite, progress=False, extra=live_parts(scn)))
     report = json.loads((tmp_path / "report.json").read_text())
     section = report["prefetch_live"]
@@ -124,15 +128,8 @@ def test_live_router_prior_raises_hits_and_matches_an_independent_biased_model(t
     wait node with the prior serves exactly the shipped model whose router logits get beta * log(usage)
     added (done here with a forward hook on each router, not model.staged), for the usage it recorded."""
     beta, n_req = 1.0, 6
-    scn = from_dict({
-        "name": "prefetch_live_prior_tiny",
-        "federation": {"nodes": 2, "preset": "tiny"},
-        "model": {"specialists": [], "expert_codec": "int8"},
-        "workload": {"score_requests_per_user": 1, "generate_requests_per_user": 0, "mixture_requests": 0,
-                     "unknown_users": False},
-        "prefetch": {"live": True, "live_budgets": [4], "requests": n_req, "history_requests": 1,
-                     "live_policies": ["substitute", "wait"], "live_prior_betas": [0.0, beta]},
-    })
+    scn = tiny_live("prefetch_live_prior_tiny", live_budgets=[4], requests=n_req,
+                    live_policies=["substitute", "wait"], live_prior_betas=[0.0, beta])
     asyncio.run(run_federation(scn, tmp_path, suite=tiny_suite, progress=False, extra=live_parts(scn)))
     section = json.loads((tmp_path / "report.json").read_text())["prefetch_live"]
     rows = {(r["policy"], r["prior_beta"]): r for r in section["rows"]}
