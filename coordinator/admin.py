@@ -13,7 +13,17 @@ from proto import federation_pb2 as pb
 from .auth import hash_token, new_token
 from .core import Core, handles_errors, not_found, precondition
 from .dispatch import node_error
-from .limits import RequestError, check_bundle_name, check_enum, check_float, check_id, check_int, check_text, invalid
+from .limits import (
+    RequestError,
+    check_bundle_name,
+    check_codec,
+    check_enum,
+    check_float,
+    check_id,
+    check_int,
+    check_text,
+    invalid,
+)
 from .store import BundleIntegrityError
 
 _MAX_BUNDLE_BYTES = 1 << 40
@@ -77,7 +87,7 @@ class AdminRPCs:
                     if len(chunk.sha256) != 32:
                         raise invalid("the first chunk must carry the bundle's 32-byte sha256")
                     check_id(chunk.model, "model", allow_empty=True)
-                    check_id(chunk.codec, "codec", allow_empty=True)
+                    check_codec(chunk.codec)
                     writer = self.core.store.writer(name, size=chunk.total_size, sha256=chunk.sha256,
                                                     model=chunk.model, codec=chunk.codec)
                 elif chunk.name and chunk.name != writer.name:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from proto.ids import BUNDLE_NAME_PATTERN, ID_PATTERN, is_valid_bundle_name, is_valid_id
+from proto.ids import BUNDLE_NAME_PATTERN, CODEC_PATTERN, ID_PATTERN, is_valid_bundle_name, is_valid_codec, is_valid_id
 
 
 class RequestError(Exception):
@@ -46,6 +46,13 @@ def check_id(value: str, what: str, *, allow_empty: bool = False) -> str:
         raise invalid(f"{what} is empty")
     if not is_valid_id(value):
         raise invalid(f"{what} {_show(value)} is not a valid id ({ID_PATTERN})")
+    return value
+
+
+def check_codec(value: str, what: str = "codec") -> str:
+    """``value`` if it is empty or a valid codec name (proto.ids.CODEC_PATTERN), else INVALID_ARGUMENT."""
+    if value and not is_valid_codec(value):
+        raise invalid(f"{what} {_show(value)} is not a valid codec name ({CODEC_PATTERN})")
     return value
 
 

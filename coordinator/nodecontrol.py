@@ -12,7 +12,7 @@ from proto import federation_pb2_grpc as rpc
 from proto.byte_counting import payload_bytes
 
 from .core import Core, handles_errors, handles_stream_errors
-from .limits import RequestError, check_bundle_name, check_enum, check_id, check_int, invalid
+from .limits import RequestError, check_bundle_name, check_codec, check_enum, check_id, check_int, invalid
 
 PROTOCOL_VERSION = 1
 _ADDRESS_RE = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,253}:(\d{1,5})")
@@ -56,7 +56,7 @@ class NodeControlService(rpc.NodeControlServicer):
         node_id = check_id(request.node_id, "node_id")
         _check_address(request.address)
         model = check_id(request.model, "model")
-        check_id(request.codec, "codec", allow_empty=True)
+        check_codec(request.codec)
         installed = [check_bundle_name(b.name) for b in request.installed]
         held = _check_ids(request.user_ids, "user_ids")
         check_int(request.n_blocks, "n_blocks", 0, _MAX_SHAPE)

@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 
 from proto import federation_pb2 as pb
-from proto.ids import is_valid_id
+from proto.ids import is_valid_codec, is_valid_id
 
 from .actor import NodeHost, SpecError
 
@@ -111,7 +111,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise NodeCliError(f"--coordinator {args.coordinator!r} is not HOST:PORT")
     if not is_valid_id(args.model):
         raise NodeCliError(f"--model {args.model!r} is not a valid model name")
-    if args.codec and not is_valid_id(args.codec):
+    if args.codec and not is_valid_codec(args.codec):
         raise NodeCliError(f"--codec {args.codec!r} is not a valid codec name")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise NodeCliError("--tls-cert and --tls-key go together")

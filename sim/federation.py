@@ -51,6 +51,12 @@ SIM_MAX_MESSAGE_BYTES = 2 * MAX_MESSAGE_BYTES
 CHANNEL_OPTIONS = message_size_options(SIM_MAX_MESSAGE_BYTES, send=False)
 
 
+def bundle_name(model: str, codec: str) -> str:
+    """The store's name of ``model``'s bundle in ``codec``: a valid bundle name ([A-Za-z0-9._-]), so a
+    composed codec's '+' becomes '_' (``programmer-prune50_ternary-ec``)."""
+    return f"{model}-{codec.replace('+', '_')}"
+
+
 class FederationError(RuntimeError):
     """The federation could not be started as the scenario asks."""
 
@@ -106,7 +112,7 @@ def plan_nodes(scn: Scenario, suite: Suite, links: list[str]) -> list[NodePlan]:
         k = i - len(specialists)
         model = specialists[i] if k < 0 else soup.SOUP_MODEL if k < n_soup else "base"
         target, group = groups[k] if model == soup.SOUP_MODEL else ("", [])
-        plans.append(NodePlan(node_id=f"node-{i:04d}", index=i, model=model, bundle=f"{model}-{codec}",
+        plans.append(NodePlan(node_id=f"node-{i:04d}", index=i, model=model, bundle=bundle_name(model, codec),
                               link=links[i], target=target, group=list(group)))
     base_nodes = [p for p in plans if p.model == "base"]
     for k, user in enumerate(suite.known_users):
@@ -190,7 +196,7 @@ class LocalFederation:
         out.mkdir(parents=True, exist_ok=True)
         codec, other = self.scn.model.expert_codec, self.scn.model.other_codec
         for model in dict.fromkeys(p.model for p in self.plans):
-            name = f"{model}-{codec}"
+            name = bundle_name(model, codec)
             path = out / f"{name}.ffb"
             key = (model, codec, other, repr(self.scn.soup) if model == soup.SOUP_MODEL else "")
             if self.bundle_cache is not None and key in self.bundle_cache:

@@ -177,3 +177,10 @@ def test_model_label_is_the_same_on_node_and_coordinator(model, user, h, label):
     core = SimpleNamespace(registry=SimpleNamespace(get_soup=lambda node_id: saved))
     route = SimpleNamespace(node=SimpleNamespace(node_id="n1", model=model or "base"), adapter_user_id=user)
     assert coordinator.scoring.node_label(core, route) == label
+
+
+def test_codec_names_compose_with_plus_and_are_never_paths() -> None:
+    from proto.ids import is_valid_codec
+
+    assert all(is_valid_codec(c) for c in ("int8", "prune50+ternary-ec", "prune50+int8", "fp16"))
+    assert not any(is_valid_codec(c) for c in ("", "+int8", "../int8", "a/b", "int8\n", "x" * 65, None))

@@ -29,13 +29,14 @@ generate_tokens = 4
 score_chars = 400
 generate_requests_per_user = 0
 [sweep.grid]
-"model.expert_codec" = ["fp32", "int8", "bogus"]
+"model.expert_codec" = ["fp32", "prune50+ternary-ec", "bogus"]  # a composed codec's name ships too
 """
 
 
 @pytest.fixture(scope="module")
 def sweep(tiny_suite, tmp_path_factory):
-    """The sweep, run once: fp32 and int8 points on satellite links (an axis from the command line), and a
+    """The sweep, run once: fp32 and prune50+ternary-ec points on satellite links (an axis from the command
+    line), and a
     bogus codec refused and skipped."""
     root = tmp_path_factory.mktemp("sweep")
     (root / "s.toml").write_text(SCENARIO)
@@ -79,13 +80,13 @@ def test_every_row_equals_its_own_report(sweep) -> None:
 
 def test_codec_cost_against_the_model_scored_here(sweep, tiny_suite) -> None:
     _, out, s = sweep
-    fp32, int8 = s["rows"][:2]
+    fp32, packed = s["rows"][:2]
     # every tensor shipped in fp32: the nodes serve the base exactly, so served / uncompressed is 1
     assert fp32["codec_over_uncompressed"] == pytest.approx(1.0, abs=1e-5)
-    assert int8["codec_over_uncompressed"] != pytest.approx(1.0, abs=1e-7)
-    assert int8["bytes_by_kind"]["BUNDLE"] < 0.5 * fp32["bytes_by_kind"]["BUNDLE"]  # 8 bits a weight against 32
+    assert packed["codec_over_uncompressed"] != pytest.approx(1.0, abs=1e-7)
+    assert packed["bytes_by_kind"]["BUNDLE"] < 0.5 * fp32["bytes_by_kind"]["BUNDLE"]  # 1.5 bits a weight against 32
     # the uncompressed reference, recomputed here: the first user's first scoring text under the fp32 base
-    rep = json.loads((out / int8["folder"] / "report.json").read_text())
+    rep = json.loads((out / packed["folder"] / "report.json").read_text())
     first = rep["codec_quality"]["texts"][0]
     text = tiny_suite.text(first["user"], "eval")[:400]
     ids = torch.tensor(encode(tiny_suite.tokenizer, text))
@@ -103,7 +104,7 @@ def test_frontier_marks_and_report_files(sweep) -> None:
         assert a[flag] == (not dominated(b, a, key)) and b[flag] == (not dominated(a, b, key))
     assert b["frontier_bytes"]  # the fewest bytes is always on the bytes frontier
     md = (out / "sweep.md").read_text()
-    assert md.count("\n| 1 | `fp32` |") == 1 and md.count("\n| 2 | `int8` |") == 1
+    assert md.count("\n| 1 | `fp32` |") == 1 and md.count("\n| 2 | `prune50+ternary-ec` |") == 1
     assert "- point 3 (refused): model.expert_codec: unknown codec 'bogus'" in md
     for name in ("sweep_frontier.png", "sweep_by_model.expert_codec.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -119,7 +120,7 @@ def test_compare_two_points(sweep, capsys) -> None:
     a, b = (out / r["folder"] for r in s["rows"][:2])
     assert compare_main([str(a), str(b)]) == 0
     text = capsys.readouterr().out
-    assert "  model.expert_codec: fp32 -> int8" in text
+    assert "  model.expert_codec: fp32 -> prune50+ternary-ec" in text
     ratio = s["rows"][1]["bytes_total"] / s["rows"][0]["bytes_total"]
     line = next(line for line in text.splitlines() if line.startswith("| bytes, total |"))
     assert line.endswith(f"| {ratio:.4f} |")
@@ -129,7 +130,7 @@ def test_compare_two_points(sweep, capsys) -> None:
     assert by["bytes, BUNDLE"]["b_over_a"] == pytest.approx(
         s["rows"][1]["bytes_by_kind"]["BUNDLE"] / s["rows"][0]["bytes_by_kind"]["BUNDLE"])
     assert by["served / uncompressed ppl"]["a"] == pytest.approx(1.0, abs=1e-5)
-    assert got["changes"] == [{"key": "model.expert_codec", "a": "fp32", "b": "int8"}]
+    assert got["changes"] == [{"key": "model.expert_codec", "a": "fp32", "b": "prune50+ternary-ec"}]
 
 
 def test_a_shared_bundle_is_the_bundle_a_run_of_its_own_writes(tiny_suite, tmp_path) -> None:
