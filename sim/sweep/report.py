@@ -56,8 +56,8 @@ def to_markdown(s: dict) -> str:
              "ppl: the served base's perplexity (geometric mean over the workload's held-out texts, the codecs "
              "included); codec/fp32: the same over the uncompressed base's on the same texts; own/base: median "
              "over users; mix/best: median over texts of the posterior mixture (uniform if none) over the best "
-             "specialist. Frontier: no other point costs less (bytes; virtual shipping time) at no higher ppl "
-             "(**B**: bytes, **T**: time).", ""]
+             "specialist. Frontier: no other point costs less (bytes, CONTROL aside: heartbeats grow with wall time; "
+             "virtual shipping time) at no higher ppl (**B**: bytes, **T**: time).", ""]
     head = ["#", *keys, "bytes MB", *(f"{k} MB" for k in kinds), "ship makespan s", "ship median s", "own/base",
             "mix/best", "ppl", "codec/fp32", "failed", "wall s", "frontier"]
     align = ["---"] * (1 + len(keys)) + ["---:"] * (len(head) - 2 - len(keys)) + ["---"]
@@ -98,7 +98,7 @@ def write_plots(out: Path, rows: list[dict], keys: list[str]) -> list[str]:
     files = []
     fig, axes = plt.subplots(1, len(COSTS), figsize=(6.5 * len(COSTS), 5))
     for ax, (cost, xlabel) in zip(axes, COSTS):
-        scale = MB if cost == "bytes_total" else 1.0
+        scale = MB if cost.startswith("bytes") else 1.0
         on = sorted((r for r in ok if r.get(FRONTIER_KEYS[cost])), key=lambda r: (r[cost], r[QUALITY[0]]))
         off = [r for r in ok if not r.get(FRONTIER_KEYS[cost])]
         ax.scatter([r[cost] / scale for r in off], [r[QUALITY[0]] for r in off], c="grey", label="dominated")

@@ -4,7 +4,9 @@ Every figure of a row is read from the point's report.json (:func:`row_of`), so 
 checked against the report it came from. The frontiers are of cost (bytes across the coordinator
 boundary; virtual shipping makespan) against quality (the served base's perplexity, geometric mean over
 the workload's texts: the codecs' cost included): a point is on a frontier when no other point is at most
-as costly and at most as perplexed, and strictly better in one of the two.
+as costly and at most as perplexed, and strictly better in one of the two. The bytes of a frontier leave
+out CONTROL (registration and heartbeats): they grow with the run's wall time, not with the
+configuration, and would split points that ship exactly the same bytes.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from typing import Any
 from ..codec_quality import SECTION_KEY as CODEC_QUALITY
 
 # (row key, label with its unit) of the cost axes of the frontiers, and the quality axis
-COSTS = (("bytes_total", "bytes across the coordinator boundary (MB)"),
+COSTS = (("bytes_shipped", "bytes across the coordinator boundary, CONTROL aside (MB)"),
          ("shipping_makespan_s", "virtual shipping makespan (s)"))
 QUALITY = ("ppl", "served base perplexity (geometric mean over texts)")
 # (row key, label) of the quality figures plotted against each varied key: ratios, lower is better
 QUALITY_FIGURES = (("own_over_base", "own adapter / base ppl (median over users)"),
                    ("mixture_over_best", "mixture / best specialist ppl (median)"),
                    ("codec_over_uncompressed", "served / uncompressed base ppl"))
-FRONTIER_KEYS = {"bytes_total": "frontier_bytes", "shipping_makespan_s": "frontier_time"}
+FRONTIER_KEYS = {"bytes_shipped": "frontier_bytes", "shipping_makespan_s": "frontier_time"}
+CONTROL = "CONTROL"
 
 
 def mixture_over_best(mixtures: list[dict]) -> dict[str, float]:
@@ -46,6 +49,7 @@ def row_of(report: dict, *, point: int, folder: str, values: dict[str, Any]) -> 
         "point": point, "folder": folder, "values": values, "status": "ok",
         "nodes": report["nodes"],
         "bytes_total": report["bytes_total"], "bytes_by_kind": report["bytes_by_kind"],
+        "bytes_shipped": report["bytes_total"] - report["bytes_by_kind"].get(CONTROL, 0),
         "shipping_makespan_s": v["shipping_makespan_s"], "shipping_median_s": v["shipping_median_s"],
         "own_over_base": q["summary"]["median_own_over_base"],
         "own_beats_base": f"{q['summary']['own_beats_base']}/{q['summary']['users']}",

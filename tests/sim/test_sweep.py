@@ -50,7 +50,7 @@ def test_front_is_mutually_undominated_and_dominates_the_rest(pairs) -> None:
 
 def test_mark_frontiers_by_bytes_and_by_time_on_constructed_rows() -> None:
     def row(point, mb, seconds, ppl, status="ok"):
-        return {"point": point, "status": status, "bytes_total": mb * 1_000_000, "shipping_makespan_s": seconds,
+        return {"point": point, "status": status, "bytes_shipped": mb * 1_000_000, "shipping_makespan_s": seconds,
                 "ppl": ppl}
     rows = [row(1, 10, 50.0, 20.0),   # fp16 on a slow link: most bytes, best ppl
             row(2, 5, 5.0, 20.5),     # int8 on a fast link
