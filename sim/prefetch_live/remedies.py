@@ -31,8 +31,10 @@ import torch
 from coordinator.prefetch import RoutingTrace, UserHistogram, route_counts
 from model.config import ConfigError
 from model.fractal_moe import FractalMoE
+from model.merges import average_experts
 from model.pipeline import Suite
-from model.staged import Answer, Miss, staged_forward
+from model.reliance import text_reliance, usage_shares, zeroed_experts
+from model.staged import Answer, Miss, router_prior, staged_forward
 
 from ..prefetch_sweep import interleave, windows
 
@@ -55,6 +57,52 @@ def _run(model: FractalMoE, ids: np.ndarray, available: torch.Tensor, bias: torc
     return -float(lp.sum()), wanted.numpy()
 
 
+def user_usage(suite: Suite, model: FractalMoE, history: int) -> dict[str, torch.Tensor]:
+    """Each known user's expert usage (L, E): the ``user`` predictor's histogram of the full model's routes
+    over ``history`` windows of the user's training text, smoothed toward everyone's (alpha 64 tokens)."""
+    cfg = model.cfg
+    L, E = cfg.n_layers, cfg.n_experts
+    full = torch.ones(L, E, dtype=torch.bool)
+    hist = UserHistogram(n_layers=L, n_experts=E, alpha=ALPHA)
+    for u in suite.known_users:
+        for w in windows(suite.ids(u, "train"), cfg.context + 1, history):
+            hist.observe(RoutingTrace(user=u, routes=_run(model, w, full, None)[1]))
+    return {u: torch.as_tensor(hist.user_distribution(u), dtype=torch.float32) for u in suite.known_users}
+
+
+def reliance(suite: Suite, *, betas: list[float], tokens: int, history: int) -> list[dict[str, Any]]:
+    """Expert reliance (``model.reliance.text_reliance``) under each user's prior: per beta, the mean over
+    known users of their first ``tokens`` held-out tokens, with ``beta * log usage`` added to every router
+    (of the model and of its zeroed and averaged copies) by forward hooks."""
+    model = suite.base().eval()
+    sd = model.state_dict()
+    zeroed, averaged = FractalMoE(model.cfg), FractalMoE(model.cfg)
+    zeroed.load_state_dict(zeroed_experts(sd))
+    averaged.load_state_dict(average_experts(sd))
+    usage = user_usage(suite, model, history)
+    rows = []
+    for beta in betas:
+        per_user = []
+        for u, p in usage.items():
+            bias = router_prior(p, beta)  # (L, E)
+            hooks = [blk.moe.router.register_forward_hook(  # type: ignore[union-attr]
+                lambda _m, _i, out, row=bias[b]: out + row)
+                     for m in (model, zeroed.eval(), averaged.eval()) for b, blk in enumerate(m.blocks)]
+            ids = torch.as_tensor(np.asarray(suite.ids(u, "eval")[:tokens]), dtype=torch.long)
+            try:
+                per_user.append(text_reliance(model, zeroed, averaged, ids, usage_shares(model, ids),
+                                              drop_one_tokens=tokens))
+            finally:
+                for h in hooks:
+                    h.remove()
+        mean = {k: float(np.mean([r[k] for r in per_user])) for k in ("ppl", "zeroed_ratio", "averaged_ratio")}
+        rows.append({"beta": beta, **mean, "users": len(per_user), "tokens": tokens,
+                     "drop_one_median": float(np.mean([r["drop_one"]["median_ratio"] for r in per_user])),
+                     "drop_one_max": float(np.mean([r["drop_one"]["max_ratio"] for r in per_user])),
+                     "routing_entropy_bits": float(np.mean([np.mean(r["routing_entropy_bits"]) for r in per_user]))})
+    return rows
+
+
 def measure(suite: Suite, *, budget: int, betas: list[float], requests: int, history: int) -> dict[str, Any]:
     """The table: one row per beta (see the module docstring)."""
     model = suite.base().eval()
@@ -63,11 +111,7 @@ def measure(suite: Suite, *, budget: int, betas: list[float], requests: int, his
     T = cfg.context + 1
     users = list(suite.known_users)
     full = torch.ones(L, E, dtype=torch.bool)
-    hist = UserHistogram(n_layers=L, n_experts=E, alpha=ALPHA)
-    for u in users:
-        for w in windows(suite.ids(u, "train"), T, history):
-            hist.observe(RoutingTrace(user=u, routes=_run(model, w, full, None)[1]))
-    prior = {u: torch.as_tensor(np.log(hist.user_distribution(u)), dtype=torch.float32) for u in users}  # (L, E)
+    prior = {u: torch.log(p) for u, p in user_usage(suite, model, history).items()}  # (L, E)
     plan = {}
     for u in users:
         mask = torch.zeros(L, E, dtype=torch.bool)
@@ -115,6 +159,13 @@ def markdown(result: dict[str, Any]) -> str:
     met = result["goal"]["met_by"]
     verdict = "met at beta " + ", ".join(map(str, met)) if met else "not met"
     lines += ["", f"Goal (hit rate >= 0.95, ppl within 2%): {verdict}."]
+    if result.get("reliance"):
+        lines += ["", "Expert reliance under the prior (mean over users; model.reliance):", "",
+                  "| beta | ppl | zeroed experts | averaged experts | drop-one median | drop-one max | "
+                  "routing entropy bits |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['beta']:g} | {r['ppl']:.2f} | x{r['zeroed_ratio']:.1f} | x{r['averaged_ratio']:.1f} | "
+                  f"x{r['drop_one_median']:.4f} | x{r['drop_one_max']:.2f} | {r['routing_entropy_bits']:.2f} |"
+                  for r in result["reliance"]]
     return "\n".join(lines)
 
 
@@ -127,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--betas", default="0,0.5,1,2,4", help="prior strengths, comma-separated")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--history", type=int, default=8, help="training windows per user the prior is counted on")
+    ap.add_argument("--reliance-tokens", type=int, default=0,
+                    help="also measure expert reliance under each beta on this many held-out tokens per user "
+                         "(model.reliance; 0: off)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     args = ap.parse_args(argv)
     try:
@@ -134,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"--betas: not a comma-separated list of numbers: {args.betas!r}", file=sys.stderr)
         return 2
-    if not 1 <= args.budget <= 16 or args.requests < 1 or args.history < 1 or any(b < 0 for b in betas):
-        print("--budget must be 1..16, --requests and --history >= 1, betas >= 0", file=sys.stderr)
+    if not 1 <= args.budget <= 16 or args.requests < 1 or args.history < 1 or any(b < 0 for b in betas) \
+            or not 0 <= args.reliance_tokens <= 100_000 or args.reliance_tokens == 1:
+        print("--budget must be 1..16, --requests and --history >= 1, betas >= 0, --reliance-tokens 0 or "
+              "2..100000", file=sys.stderr)
         return 2
     try:
         suite = Suite(args.preset, args.seed, progress=False)
@@ -143,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--preset: {exc}", file=sys.stderr)
         return 2
     result = measure(suite, budget=args.budget, betas=betas, requests=args.requests, history=args.history)
+    if args.reliance_tokens:
+        result["reliance"] = reliance(suite, betas=betas, tokens=args.reliance_tokens, history=args.history)
     print(json.dumps(result, indent=1) if args.json else markdown(result))
     return 0
 

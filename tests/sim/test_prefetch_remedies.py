@@ -58,3 +58,12 @@ def test_bad_arguments_get_one_line_and_exit_2(argv, capsys):
     assert remedies.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_reliance_under_the_prior_concentrates_routing(tiny_suite):
+    rows = remedies.reliance(tiny_suite, betas=[0.0, 1.0], tokens=64, history=1)
+    r0, r1 = rows
+    assert r0["beta"] == 0.0 and r0["users"] == len(tiny_suite.known_users) and r0["tokens"] == 64
+    assert r1["routing_entropy_bits"] < r0["routing_entropy_bits"] <= 4.0  # fewer experts per user
+    assert all(r["zeroed_ratio"] > 1 and r["drop_one_max"] >= r["drop_one_median"] > 0 for r in rows)
