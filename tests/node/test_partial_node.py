@@ -180,3 +180,33 @@ def test_bad_budgets_are_refused():
     with pytest.raises(PlanError, match="exactly one"):
         NodeBudget(source="base", budget_experts=2, budget_bytes=10)
     assert dataclasses.is_dataclass(NodeBudget)
+
+
+def test_a_router_prior_is_kept_only_with_a_beta_and_checked_against_the_model():
+    from node.errors import InvalidRequest
+    from node.partial import PartialExperts, PrefetchSettings
+
+    class Host:  # what on_heartbeat reads of a node: a model installed, its shape
+        node_id, served = "n", object()
+
+        def shape(self) -> tuple[int, int]:
+            return 2, 4
+
+    usage = [0.1, 0.2, 0.3, 0.4, 0.25, 0.25, 0.25, 0.25]
+    reply = pb.HeartbeatReply(known=True, router_prior=pb.RouterPrior(n_blocks=2, n_experts=4, usage=usage))
+    off = PartialExperts(Host(), PrefetchSettings(source="b", budget_experts=2))  # type: ignore[arg-type]
+    asyncio.run(off.on_heartbeat(reply))
+    assert off.prior_usage is None  # beta 0: no prior, whatever the coordinator sends
+    on = PartialExperts(Host(), PrefetchSettings(source="b", budget_experts=2, prior_beta=0.3))  # type: ignore[arg-type]
+    asyncio.run(on.on_heartbeat(reply))
+    assert on.prior_usage is not None and torch.allclose(on.prior_usage, torch.tensor(usage).view(2, 4))
+    for bad in (pb.RouterPrior(n_blocks=4, n_experts=2, usage=usage), pb.RouterPrior(n_blocks=2, n_experts=4),
+                pb.RouterPrior(n_blocks=2, n_experts=4, usage=[-1.0] + usage[1:]),
+                pb.RouterPrior(n_blocks=2, n_experts=4, usage=[float("nan")] + usage[1:])):
+        with pytest.raises(InvalidRequest):
+            asyncio.run(on.on_heartbeat(pb.HeartbeatReply(known=True, router_prior=bad)))
+    assert torch.allclose(on.prior_usage, torch.tensor(usage).view(2, 4))  # a refused prior changes nothing
+    with pytest.raises(ValueError, match="prior_beta"):
+        PrefetchSettings.from_dict({"source": "b", "budget_experts": 2, "prior_beta": -1})
+    with pytest.raises(PlanError, match="router prior"):
+        NodeBudget(source="base", budget_experts=2, predictor="lru", prior=True)
