@@ -112,7 +112,8 @@ def write_plots(out: Path, rows: list[dict], keys: list[str]) -> list[str]:
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(QUALITY[1])
-        ax.set_title(f"{xlabel.split(' (')[0]} against perplexity")
+        ax.set_title(f"{xlabel.split(' (')[0].split(',')[0].replace(' across the coordinator boundary', '')} "
+                     "against perplexity")
         ax.legend(fontsize=8)
     files.append(save_figure(fig, out, "sweep_frontier.png"))
     for key in keys:
