@@ -68,6 +68,14 @@ class FetchPolicy:
             raise ValueError(f"invalid fetch policy {self}")
 
 
+def broken_stream(exc: grpc.aio.AioRpcError, what: str) -> str:
+    """The shared rule for a stream that ended in an error (whole bundles and byte ranges): FetchError
+    with the call's own status when no retry can fix it, else the text naming the cut, to resume after."""
+    if exc.code() in _FATAL:
+        raise FetchError(f"fetching {what}: {exc.code().name}: {exc.details()}", exc.code()) from None
+    return f"{exc.code().name}: {exc.details()}"
+
+
 async def resume_after(policy: FetchPolicy, stalls: int, *, progressed: bool, broken: str, what: str,
                        tail: str = "") -> int:
     """The shared resume rule after a broken stream (whole bundles and byte ranges): the count of broken
@@ -164,10 +172,7 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
                 if got.size == total:
                     break
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _FATAL:
-                raise FetchError(f"fetching bundle {ref.name!r}: {exc.code().name}: {exc.details()}",
-                                 exc.code()) from None
-            broken = f"{exc.code().name}: {exc.details()}"
+            broken = broken_stream(exc, f"bundle {ref.name!r}")
         finally:
             call.cancel()  # a stream left early must not keep sending
         if total is not None and got.size == total:

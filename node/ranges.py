@@ -26,7 +26,7 @@ from proto.bundle import Bundle, BundleError, Manifest, TensorRecord, read_manif
 from proto.bundle.format import HEADER_SIZE, parse_header
 from proto.expert_ranges import RangeError, entries_in, head_range
 
-from .fetch import _FATAL, FetchError, FetchPolicy, resume_after
+from .fetch import FetchError, FetchPolicy, broken_stream, resume_after
 
 
 @dataclass
@@ -60,10 +60,7 @@ async def _read(stub: rpc.NodeControlStub, name: str, offset: int, length: int, 
                 if len(got) == length:
                     break
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _FATAL:
-                raise FetchError(f"fetching {name!r} bytes {offset}+{length}: {exc.code().name}: {exc.details()}",
-                                 exc.code()) from None
-            broken = f"{exc.code().name}: {exc.details()}"
+            broken = broken_stream(exc, f"{name!r} bytes {offset}+{length}")
         finally:
             call.cancel()
         if len(got) == length:
