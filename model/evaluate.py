@@ -55,6 +55,11 @@ def perplexity(logps: torch.Tensor) -> float:
     return float(torch.exp(-logps.mean()))
 
 
+def geomean(values: list[float]) -> float | None:
+    """Geometric mean of positive values (perplexities, or their ratios); None for no values."""
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
 def bits_per_char(logps: torch.Tensor, n_chars: int) -> float:
     """Total negative log-likelihood in bits divided by the characters it covers."""
     return float(-logps.sum() / LN2 / max(1, n_chars))

@@ -13,13 +13,12 @@ suite and text (a sweep's points share them).
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Any
 
 import torch
 
-from model.evaluate import perplexity, token_logps
+from model.evaluate import geomean, perplexity, token_logps
 from model.tokenizer import encode
 
 from .sections import Section
@@ -41,11 +40,6 @@ def uncompressed_ppl(suite: Any, texts: list[tuple[str, int]], chars: int) -> di
             ids = torch.tensor(encode(suite.tokenizer, held_out_slice(suite, user, chars, k)))  # (n,)
             memo[(user, k, chars)] = perplexity(token_logps(model, ids))
     return {t: memo[(*t, chars)] for t in texts}
-
-
-def geomean(values: list[float]) -> float | None:
-    """Geometric mean (None for no values)."""
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
 def section(suite: Any, scn: Any, users: list[dict], unknown: list[dict]) -> Section:

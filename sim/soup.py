@@ -16,6 +16,7 @@ import dataclasses
 import math
 
 from model.codecs import bundle_meta
+from model.evaluate import geomean
 from model.pipeline import Suite
 from model.soe_train import preset_soup_config, suite_soup
 from model.soup_of_experts import (
@@ -78,10 +79,6 @@ def sample_text(suite: Suite, users: list[str], chars: int) -> str:
     return "\n".join(suite.text(u, "train")[:share] for u in users)
 
 
-def _geomean(xs: list[float]) -> float | None:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
-
-
 def section(fed, stats: dict, rows: list[dict], codec: str) -> Section:
     """The run report's ``soup_of_experts`` section: its data (:func:`report_section`), markdown and plots.
 
@@ -111,7 +108,7 @@ def report_section(fed, stats: dict, rows: list[dict], codec: str) -> dict:
         })
 
     def ratio(key: str) -> float | None:
-        return _geomean([r["soup_ppl"] / r[key] for r in rows if r.get(key)])
+        return geomean([r["soup_ppl"] / r[key] for r in rows if r.get(key)])
     return {
         "bank": {"bundle": bank_info.name, "bytes": bank_bytes, "tensors": bank_info.tensors,
                  "bank_size": soup.cfg.bank_size, "kind": soup.cfg.kind, "domains": list(soup.domains),
