@@ -14,12 +14,15 @@ A sweep file is a scenario file (every point starts from it) with one more table
 Keys are ``section.key`` as in the scenario (``network.profiles.village.rtt_ms`` reaches into a table);
 unquoted dotted keys (``model.expert_codec = [...]``) mean the same. ``--grid KEY=V1,V2`` adds or
 replaces a grid axis from the command line; each value is read as a TOML value (``4``, ``2.5``,
-``true``) and otherwise taken as a string (``int8``, ``prune50+ternary-ec``).
+``true``) and otherwise taken as a string (``int8``, ``prune50+ternary-ec``). A single value of a key
+whose scenario value is a list is a list of one: ``"prefetch.live_budgets" = [4, 8]`` sweeps one budget
+per point (``[[4, 8], [12]]`` sweeps lists).
 
 Each point is the file's scenario with its values set and then sim.run's flags (``--nodes``,
 ``--preset``, ...) on top, validated as a scenario file is: a point that cannot run (a value out of
 range, an unknown link profile, more specialist and soup nodes than nodes, the same scenario as an
-earlier point) gets its error, one line, before any point starts.
+earlier point, a live prefetch point with more than one partial node) gets its error, one line, before
+any point starts.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from model.config import ConfigError
 from model.corpora import CorpusError
 
 from ..network import NetworkError
+from ..prefetch_live.run import configs as live_configs
 from ..run import check_suite, link_names, new_suite, suite_key
 from ..scenario import Scenario, ScenarioError, from_dict, read_toml
 
@@ -188,6 +192,30 @@ def set_key(data: dict, key: str, value: Any) -> None:
     data[last] = value
 
 
+def as_field(key: str, value: Any) -> Any:
+    """``value`` as the scenario key ``key`` takes it: a single value of a list-valued key becomes a list of
+    one (``prefetch.live_budgets = 4`` means ``[4]``); anything else as it is."""
+    section, _, name = key.partition(".")
+    sec = typing.get_type_hints(Scenario).get(section)
+    if sec is None or not dataclasses.is_dataclass(sec) or "." in name:
+        return value
+    is_list = typing.get_origin(typing.get_type_hints(sec).get(name)) is list
+    return [value] if is_list and not isinstance(value, list) else value
+
+
+def check_live(scn: Scenario) -> None:
+    """A sweep point with live prefetching runs one partial node (one budget, one policy, one prior beta),
+    so that its row has one set of live figures to put on the frontier; more is a ScenarioError."""
+    n = len(live_configs(scn)) if scn.prefetch.live else 1
+    if n != 1:
+        pf = scn.prefetch
+        raise ScenarioError(
+            f"prefetch.live: a sweep point runs one partial node, this one would run {n} "
+            f"({len(pf.live_budgets) + len(pf.live_budget_bytes)} budgets x {len(pf.live_policies)} policies x "
+            f"{len(pf.live_prior_betas)} prior betas): make prefetch.live_budgets and prefetch.live_policies "
+            "axes of the sweep")
+
+
 def folder_name(index: int, values: dict[str, Any]) -> str:
     """``NN-key=value-...`` (the last part of each key), safe as a folder name."""
     last = [k.rsplit(".", 1)[-1] for k in values]
@@ -214,13 +242,14 @@ def build_points(data: dict, assignments: list[dict[str, Any]], flags: dict[str,
         d = copy.deepcopy(data)
         try:
             for key, value in {**values, **flags}.items():
-                set_key(d, key, value)
+                set_key(d, key, as_field(key, value))
             d["name"] = f"{data.get('name', 'sweep')} [{point.label()}]" if values else data.get("name", "sweep")
             scn = from_dict(d)
             try:
                 link_names(scn)  # an unknown link profile is refused here, not once the point is up
             except NetworkError as exc:
                 raise ScenarioError(f"network: {exc}") from None
+            check_live(scn)
             models = suite_key(scn)
             if models not in suites:
                 suites[models] = new_suite(scn, corpus_dir=corpus_dir, progress=False)

@@ -108,7 +108,7 @@ async def run_points(points: list[Point], out: Path, *, corpus_dir: str | None =
     finally:
         if ray_here:
             ray.shutdown()
-    mark_frontiers(rows)
+    timing["frontier"] = mark_frontiers(rows).to_dict()
     timing["shared"] = shared
     return rows, timing
 
@@ -119,8 +119,11 @@ def progress_line(row: dict, total: int, seconds: float) -> str:
     if row["status"] != "ok":
         return f"{head}: {row['status']}: {row['error']}"
     ppl = "—" if row["ppl"] is None else f"{row['ppl']:.3f}"
+    live = "" if "live_bytes" not in row else (
+        f"; partial node {row['live_bytes'] / 1e6:.2f} MB, hit rate {row['hit_rate']:.3f}, stall "
+        f"{row['stall_seconds']:.1f} s virtual, ppl x{row['live_ppl_ratio']:.4f} of the full node")
     return (f"{head}: {row['bytes_total'] / 1e6:.2f} MB, shipping {row['shipping_makespan_s']:.1f} s virtual, "
-            f"ppl {ppl}, {row['requests_failed']} failed, {seconds:.1f} s wall")
+            f"ppl {ppl}, {row['requests_failed']} failed{live}, {seconds:.1f} s wall")
 
 
 async def run_sweep(name: str, points: list[Point], out: Path, *, command: str, definition: dict,
@@ -140,8 +143,8 @@ async def run_sweep(name: str, points: list[Point], out: Path, *, command: str, 
     points_seconds = sum(p["run_seconds"] for p in timing["points"])
     models_seconds = timing["models_seconds"]
     summary: dict[str, Any] = {"name": name, "command": command, "definition": definition,
-                               "keys": varied_keys(points), "shared": timing.pop("shared"), "rows": rows,
-                               "timing": timing}
+                               "keys": varied_keys(points), "shared": timing.pop("shared"),
+                               "frontier": timing.pop("frontier"), "rows": rows, "timing": timing}
 
     def account() -> None:
         wall = time.perf_counter() - started
