@@ -6,9 +6,9 @@
 
 Each argument is a run's folder (holding its report.json, as sim.run and each sim.sweep point write it)
 or the report.json itself. Prints the scenario keys that differ, then a table of figures (bytes by kind,
-virtual shipping time, quality, requests, wall time) with B / A: what the change from A to B did. Bytes
-and virtual seconds are the network model's measurements; wall seconds are the machine's and vary run to
-run.
+virtual shipping time, quality, the partial node's figures of a run with one, requests, wall time) with
+B / A: what the change from A to B did. Bytes and virtual seconds are the network model's measurements;
+wall seconds are the machine's and vary run to run.
 """
 
 from __future__ import annotations
@@ -33,10 +33,19 @@ FIGURES: list[tuple[str, str, Any]] = [
     ("served base ppl (geometric mean)", "", lambda r: r["ppl"]),
     ("uncompressed base ppl (same texts)", "", lambda r: r["ppl_uncompressed"]),
     ("served / uncompressed ppl", "", lambda r: r["codec_over_uncompressed"]),
+    # a run with one partial node (live prefetching; a sim.sweep point of scenarios/sweep_prefetch.toml)
+    ("partial node: expert weights + activations", "MB", lambda r: _mb(r.get("live_bytes"))),
+    ("partial node: hit rate", "", lambda r: r.get("hit_rate")),
+    ("partial node: stall, virtual", "s", lambda r: r.get("stall_seconds")),
+    ("partial / full node ppl", "", lambda r: r.get("live_ppl_ratio")),
     ("requests", "", lambda r: r["requests_total"]),
     ("requests failed", "", lambda r: r["requests_failed"]),
     ("wall seconds, whole run", "s", lambda r: r["wall_seconds"]),
 ]
+
+
+def _mb(x: float | None) -> float | None:
+    return None if x is None else x / 1e6
 
 
 class CompareError(ValueError):

@@ -11,6 +11,7 @@ from sim.compare import main as compare_main
 from sim.sweep.cli import main
 from sim.sweep.grid import (
     SweepError,
+    as_field,
     build_points,
     expand,
     folder_name,
@@ -19,7 +20,7 @@ from sim.sweep.grid import (
     parse_table,
     varied_keys,
 )
-from sim.sweep.rows import mark_frontiers, pareto_front
+from sim.sweep.rows import live_figures, mark_frontiers, pareto_front
 
 TINY = {"name": "t", "federation": {"preset": "tiny", "nodes": 4}}
 
@@ -60,6 +61,64 @@ def test_mark_frontiers_by_bytes_and_by_time_on_constructed_rows() -> None:
     mark_frontiers(rows)
     assert [r["frontier_bytes"] for r in rows] == [True, True, True, True, False]
     assert [r["frontier_time"] for r in rows] == [True, True, False, False, False]
+
+
+def test_live_rows_put_the_frontier_on_the_partial_nodes() -> None:
+    """Rows with a partial node's figures: the frontiers are of its bytes and stall seconds against its ppl
+    ratio; the federation's figures (the same base nodes at every point) do not enter them."""
+    def row(point, kb, stall, ratio):
+        return {"point": point, "status": "ok", "bytes_shipped": 9e6, "shipping_makespan_s": 5.0, "ppl": 30.0,
+                "live_bytes": kb * 1000, "stall_seconds": stall, "live_ppl_ratio": ratio}
+    rows = [row(1, 10_000, 0.0, 1.42),    # substitute at 4 experts: fewest bytes, no stall, worst ppl
+            row(2, 246_000, 182.0, 1.0),  # wait at 4: exact, most bytes, longest stall
+            row(3, 16_100, 53.0, 1.0),    # remote at 4: exact, few bytes
+            row(4, 13_000, 0.0, 1.04),    # substitute at 12: dominates 1 on stall
+            row(5, 16_100, 17.5, 1.0),    # auto at 12: same bytes as 3, less stall
+            {"point": 6, "status": "failed", "error": "x"}]
+    axes = mark_frontiers(rows)
+    assert axes.kind == "live" and axes.to_dict()["costs"] == ["live_bytes", "stall_seconds"]
+    assert [r["frontier_bytes"] for r in rows] == [True, False, True, True, True, False]
+    assert [r["frontier_time"] for r in rows] == [False, False, False, True, True, False]
+    plain = [{k: v for k, v in r.items() if not k.startswith(("live", "stall"))} for r in rows[:3]]
+    assert mark_frontiers(plain).kind == "federation"
+
+
+def test_live_figures_of_a_report() -> None:
+    one = {"node": "pf-wait-8e", "policy": "wait", "budget": 8, "budget_unit": "experts per block", "prior_beta": 0.0,
+           "bytes": {"expert_weights": 700, "expert_planned": 500, "expert_on_demand": 200, "activations": 0,
+                     "control": 90}, "bytes_per_token": 2.5, "requests": 3, "tokens": 280, "hit_rate": 0.75,
+           "stall_seconds": 4.5, "ppl": 20.0, "ppl_full": 20.0, "ppl_ratio": 1.0}
+    got = live_figures({"prefetch_live": {"rows": [one]}})
+    assert got["live_bytes"] == 700 and got["live_bytes_by_kind"]["control"] == 90  # control stays out of bytes
+    assert (got["hit_rate"], got["stall_seconds"], got["live_ppl_ratio"]) == (0.75, 4.5, 1.0)
+    assert live_figures({"prefetch_live": {"rows": [one, one]}}) == {}  # no one partial node: no figures
+    assert live_figures({}) == {}
+
+
+def test_frontier_labels_do_not_overlap(tmp_path) -> None:
+    """Twelve points, six of them within a few pixels of one another: every number is placed clear of the
+    others (its drawn extent checked here), and points at the same place share one label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from sim.sweep.report import place_labels
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xy = [(10, 1.42), (246, 1.0), (16.1, 1.0), (22, 1.0), (12, 1.12), (211, 1.0), (16.8, 1.0), (17.0, 1.0),
+          (13, 1.04), (110, 1.0), (17.4, 1.0), (18.0, 1.0)]
+    ax.scatter(*zip(*xy))
+    ax.set_xscale("log")
+    place_labels(ax, [(x, y, str(i)) for i, (x, y) in enumerate(xy, 1)])
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, r) for t in ax.texts]  # the text's own extent, not its leader line
+    assert [t.get_text() for t in ax.texts] == [str(i) for i in range(1, 13)]
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    frame = ax.get_window_extent(r)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    plt.close(fig)
 
 
 # ---- the grid and its points ---------------------------------------------------------------------
@@ -120,6 +179,25 @@ def test_points_that_cannot_run_carry_one_line_each() -> None:
     assert errors[2].startswith("soup.nodes:")
     assert errors[3].startswith("model.specialists: 'chef' is not a training persona")
     assert all("\n" not in e for e in errors)
+
+
+def test_live_points_run_one_partial_node_each() -> None:
+    """A single value of a list-valued key is a list of one; a live point with more than one partial node is
+    refused (its row would have no one set of live figures), one line naming the fix."""
+    assert as_field("prefetch.live_budgets", 8) == [8] and as_field("prefetch.live_budgets", [4, 8]) == [4, 8]
+    assert as_field("model.expert_codec", "int8") == "int8" and as_field("network.profiles.x.rtt_ms", 3) == 3
+    live = {**TINY, "prefetch": {"live": True}}
+    points = build_points(live, [{"prefetch.live_budgets": 4, "prefetch.live_policies": "wait"},
+                                 {"prefetch.live_budgets": 8},  # every default policy: 4 partial nodes
+                                 {"prefetch.live_budgets": [4, 8], "prefetch.live_policies": "auto"}], {})
+    assert points[0].error is None and points[0].scenario is not None
+    assert (points[0].scenario.prefetch.live_budgets, points[0].scenario.prefetch.live_policies) == ([4], ["wait"])
+    assert points[1].error == ("prefetch.live: a sweep point runs one partial node, this one would run 4 (1 budgets "
+                               "x 4 policies x 1 prior betas): make prefetch.live_budgets and prefetch.live_policies "
+                               "axes of the sweep")
+    assert points[2].error is not None and "would run 2 (2 budgets" in points[2].error
+    off = build_points(TINY, [{"prefetch.live_budgets": 8}], {})  # live off: the partial nodes are not run
+    assert off[0].error is None
 
 
 def test_a_repeated_point_and_a_flag_against_an_axis_are_refused() -> None:

@@ -102,3 +102,4 @@ def test_the_frontier_is_of_the_partial_nodes(sweep) -> None:
         assert f"{r['live_ppl_ratio']:.4f}" in line
     for name in ("sweep_frontier.png", "sweep_by_prefetch.live_budgets.png", "sweep_by_prefetch.live_policies.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and name in s["plots"]
+
