@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
     t = summary["timing"]
+    whose = " (the partial nodes': bytes and stall against ppl / full)" if summary["frontier"]["kind"] == "live" else ""
     print(f"{len(ok)} of {len(rows)} points ran in {t['wall_seconds']:.1f} s (sweep overhead "
-          f"{t['overhead_per_point_s'] or 0:.2f} s per point); on the bytes/ppl frontier: "
+          f"{t['overhead_per_point_s'] or 0:.2f} s per point){whose}; on the bytes/ppl frontier: "
           f"{', '.join(str(r['point']) for r in ok if r.get('frontier_bytes')) or 'none'}; "
           f"on the time/ppl frontier: {', '.join(str(r['point']) for r in ok if r.get('frontier_time')) or 'none'}")
     print(f"report: {out / 'sweep.md'}")

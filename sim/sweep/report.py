@@ -124,19 +124,31 @@ def live_table(ok: list[dict], keys: list[str]) -> list[str]:
     return lines
 
 
+MERGE_PT = 3.0  # points (1/72 inch): markers closer than this look like one point
 LABEL_OFFSETS = ((5, 3), (5, -11), (-5, 3), (-5, -11), (0, 8), (0, -18), (11, -4), (-11, -4), (14, 12), (-14, 12),
                  (14, -22), (-14, -22), (0, 20), (0, -30))  # points, tried in turn: the first free one is taken
 
 
 def place_labels(ax, items: list[tuple[float, float, str]], fontsize: float = 8) -> None:
     """Annotate each (x, y, text) beside its point where it overlaps no marker, no label placed before it
-    and stays inside the axes: the first of :data:`LABEL_OFFSETS` that does, else the least overlapping."""
+    and stays inside the axes: the first of :data:`LABEL_OFFSETS` that does, else the least overlapping.
+    Points closer than :data:`MERGE_PT` (their markers overlap) share one label, their texts joined by commas."""
     fig = ax.figure
     fig.canvas.draw()  # the final limits, so that data -> pixel transforms hold
     px_per_pt = fig.dpi / 72
     frame = ax.get_window_extent()
-    pix = [ax.transData.transform((x, y)) for x, y, _ in items]
     r = 4 * px_per_pt
+    merged: list[list] = []  # [x, y, text, pixel]: points whose markers touch share one label
+    for x, y, text in items:
+        xy = ax.transData.transform((x, y))
+        near = next((m for m in merged if abs(m[3][0] - xy[0]) < MERGE_PT * px_per_pt
+                     and abs(m[3][1] - xy[1]) < MERGE_PT * px_per_pt), None)
+        if near is None:
+            merged.append([x, y, text, xy])
+        else:
+            near[2] += "," + text
+    items = [(x, y, text) for x, y, text, _ in merged]
+    pix = [m[3] for m in merged]
     taken = [(px - r, py - r, px + r, py + r) for px, py in pix]
 
     def overlap(a: tuple, b: tuple) -> float:

@@ -30,15 +30,21 @@ unknown_users = false
 live = true
 history_requests = 1
 requests = 3
-[sweep.grid]
-"prefetch.live_budgets" = [4, 16]
-"prefetch.live_policies" = ["substitute", "remote"]
+[[sweep.points]]                    # single values of list keys: one partial node per point
+"prefetch.live_budgets" = 4
+"prefetch.live_policies" = "substitute"
+[[sweep.points]]
+"prefetch.live_budgets" = 4
+"prefetch.live_policies" = "remote"
+[[sweep.points]]
+"prefetch.live_budgets" = 16
+"prefetch.live_policies" = "remote"
 """
 
 
 @pytest.fixture(scope="module")
 def sweep(tiny_suite, tmp_path_factory):
-    """The sweep, run once: 4 points (budgets 4 and 16 of 16 experts per block x substitute and remote)."""
+    """The sweep, run once: 3 points (substitute and remote at 4 of 16 experts per block, remote at 16)."""
     root = tmp_path_factory.mktemp("sweep_prefetch")
     (root / "s.toml").write_text(SCENARIO)
     out = root / "out"
@@ -49,10 +55,10 @@ def sweep(tiny_suite, tmp_path_factory):
 def test_every_row_carries_its_own_partial_node(sweep) -> None:
     rc, out, s = sweep
     assert rc == 0
-    assert [r["status"] for r in s["rows"]] == ["ok"] * 4
+    assert [r["status"] for r in s["rows"]] == ["ok"] * 3
     assert s["keys"] == ["prefetch.live_budgets", "prefetch.live_policies"]
     assert [(r["values"]["prefetch.live_budgets"], r["values"]["prefetch.live_policies"]) for r in s["rows"]] == \
-        [(4, "substitute"), (4, "remote"), (16, "substitute"), (16, "remote")]
+        [(4, "substitute"), (4, "remote"), (16, "remote")]
     for row in s["rows"]:
         rep = json.loads((out / row["folder"] / "report.json").read_text())
         budget, policy = row["values"]["prefetch.live_budgets"], row["values"]["prefetch.live_policies"]
@@ -77,8 +83,10 @@ def test_every_row_carries_its_own_partial_node(sweep) -> None:
             assert (b["activations"] > 0) == (row["hit_rate"] < 1)
         else:
             assert b["activations"] == 0 and row["stall_seconds"] == 0
-    sub4 = s["rows"][0]
+    sub4, remote4, full = s["rows"]
     assert sub4["hit_rate"] < 1 and sub4["live_ppl_ratio"] > 1.0001  # 4 of 16 held: substitutes cost quality
+    assert full["hit_rate"] == 1 and full["stall_seconds"] == 0  # every expert held: nothing to miss
+    assert remote4["live_bytes"] < full["live_bytes"]  # 4 experts and the misses' activations: less than all 16
 
 
 def test_the_frontier_is_of_the_partial_nodes(sweep) -> None:
@@ -103,3 +111,14 @@ def test_the_frontier_is_of_the_partial_nodes(sweep) -> None:
     for name in ("sweep_frontier.png", "sweep_by_prefetch.live_budgets.png", "sweep_by_prefetch.live_policies.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and name in s["plots"]
 
+
+def test_compare_two_points_shows_their_partial_nodes(sweep, capsys) -> None:
+    from sim.compare import main as compare_main
+
+    _, out, s = sweep
+    a, b = s["rows"][:2]  # substitute and remote at 4 experts per block
+    assert compare_main([str(out / a["folder"]), str(out / b["folder"]), "--json"]) == 0
+    got = {f["figure"]: f for f in json.loads(capsys.readouterr().out)["figures"]}
+    assert got["partial node: hit rate"]["a"] == a["hit_rate"] and got["partial node: hit rate"]["b"] == b["hit_rate"]
+    assert got["partial / full node ppl"]["b_over_a"] == pytest.approx(b["live_ppl_ratio"] / a["live_ppl_ratio"])
+    assert got["partial node: expert weights + activations"]["b"] == pytest.approx(b["live_bytes"] / 1e6)
