@@ -1,6 +1,7 @@
 """`python -m sim.sweep`: a grid of federation runs and one report comparing them.
 
     python -m sim.sweep --scenario scenarios/sweep_codecs_links.toml --out runs/sweep
+    python -m sim.sweep --scenario scenarios/sweep_prefetch.toml --out runs/sweep-prefetch   # live prefetching
     python -m sim.sweep --preset tiny --nodes 4 --grid model.expert_codec=fp16,int8,ternary
     python -m sim.sweep --scenario F.toml --grid network.default_link=4g,satellite --dry-run
 
@@ -10,7 +11,9 @@ given); --grid KEY=V1,V2,... adds or replaces a grid axis. sim.run's flags (--pr
 --codec, ...) override every point; a flag that sets a key the sweep varies is refused.
 
 Every point is a whole federation run (as sim.run) with its report in OUT/NN-key=value-.../; points that
-cannot run are refused before anything starts, one line each (--skip-refused runs the others).
+cannot run are refused before anything starts, one line each (--skip-refused runs the others). A single
+value of a list-valued key is a list of one; a live prefetch point ([prefetch] live) runs one partial node,
+and the frontiers are then of that node's bytes and stall seconds against its ppl / the full node's.
 Writes OUT/sweep.json, OUT/sweep.md (one row per point, the Pareto frontiers of bytes and of virtual
 shipping time against perplexity marked) and PNG plots; what Ray and gRPC print goes to OUT/stderr.log.
 Compare two runs with `python -m sim.compare OUT/01-... OUT/02-...`.
