@@ -174,20 +174,48 @@ def reference_source(seed: int) -> ReferenceSource:
 # ----------------------------------------------------------------------------------------------------
 
 EVAL_FRACTION = 0.1  # the tail of each user's text held out for evaluation
+# A split longer than asked is sampled in pieces of about this many characters spread evenly over it:
+# many context windows each, and enough pieces (19 at small's default 75,000) to cover a big folder.
+SPREAD_PIECE_CHARS = 4000
+
+
+def spread_sample(text: str, n_chars: int, *, piece: int = SPREAD_PIECE_CHARS) -> str:
+    """``n_chars`` characters of ``text`` taken as pieces spread evenly from its start to its end.
+
+    The whole text when it is no longer. A user's folder is read in path order, so its head is its
+    alphabetically first files: a model trained (or scored) on the head alone sees a few documents of
+    a big folder, not the user's language. Each piece but the first starts at a line start where one
+    lies in reach, pieces never overlap, and the result is exactly ``n_chars`` long. Deterministic.
+    """
+    if len(text) <= n_chars:
+        return text
+    k = max(1, -(-n_chars // piece))
+    sizes = [n_chars // k + (1 if i < n_chars % k else 0) for i in range(k)]
+    out, prev_end = [], 0
+    for i, size in enumerate(sizes):
+        start = (i * (len(text) - size)) // (k - 1) if k > 1 else 0
+        line = text.find("\n", start, start + size // 2) + 1 if start else 0
+        start = max(line or start, prev_end)
+        start = min(start, len(text) - sum(sizes[i:]))  # room left for this piece and the rest
+        out.append(text[start:start + size])
+        prev_end = start + size
+    return "".join(out)
 
 
 @dataclass(frozen=True, kw_only=True)
 class FolderSource(TextSource):
-    """A user's own text from a sub-folder of ``--corpus DIR``: the last tenth is the eval split."""
+    """A user's own text from a sub-folder of ``--corpus DIR``: the last tenth is the eval split.
+
+    A split longer than asked is sampled across its whole length (:func:`spread_sample`)."""
 
     path: str
     train_text: str = field(repr=False)
     eval_text: str = field(repr=False)
 
     def text(self, split: str, n_chars: int) -> str:
-        """The first ``n_chars`` characters of the split (all of it when the split is shorter)."""
+        """``n_chars`` characters spread over the split (all of it when the split is shorter)."""
         check_split(split, n_chars)
-        return (self.train_text if split == "train" else self.eval_text)[:n_chars]
+        return spread_sample(self.train_text if split == "train" else self.eval_text, n_chars)
 
     @cached_property
     def fingerprint(self) -> str:

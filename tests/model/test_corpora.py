@@ -32,6 +32,7 @@ from model.corpora import (
     stationary_distribution,
     user_sources,
 )
+from model.real_text import spread_sample
 
 SYNTHETIC = SYNTHETIC_PERSONAS + (HELD_OUT_PERSONA,)
 
@@ -398,7 +399,7 @@ def test_folder_sources_happy_path(tmp_path: Path) -> None:
     assert train + evals == "".join(alice_lines)  # all of it, in path order, CRLF normalised
     assert evals.startswith("alice line") and evals.endswith("\n")  # cut at a line start
     assert 0.05 < len(evals) / (len(train) + len(evals)) < 0.15
-    assert alice.text("train", 50) == train[:50]
+    assert alice.text("train", 50) == train[:50]  # a single piece: the head
     assert folder_sources(tmp_path)[0].fingerprint == alice.fingerprint != sources[1].fingerprint
 
 
@@ -468,3 +469,40 @@ def test_folder_source_rejects_unknown_split(tmp_path: Path) -> None:
     write(tmp_path / "hal" / "a.txt", "line\n" * 50)
     with pytest.raises(CorpusError, match="unknown split"):
         folder_sources(tmp_path)[0].text("validation", 10)
+
+
+def test_a_big_folder_is_sampled_across_its_whole_length(tmp_path: Path) -> None:
+    # 120 documents in path order; the user's split is far longer than what training and scoring take
+    for d in range(120):
+        write(tmp_path / "carol" / f"doc{d:03d}.txt",
+              "".join(f"document {d:03d} line {i} of carol's notes\n" for i in range(100)))
+    carol = folder_sources(tmp_path)[0]
+    whole = carol.text("train", 10**9)
+    train = carol.text("train", 60_000)
+    assert len(train) == 60_000 and len(whole) > 5 * 60_000
+    docs = {int(m) for m in re.findall(r"document (\d{3})", train)}
+    # the head alone would hold documents 0-16; spread pieces reach the split's last documents too
+    assert min(docs) == 0 and max(docs) >= 100 and len(docs) >= 15
+    # every piece after the first starts at a line start of the original, pieces in order, no overlap
+    assert train.count("\n") >= 60_000 // 40 - 20
+    assert carol.text("train", 60_000) == train  # deterministic
+    evals = carol.text("eval", 5_000)
+    assert len(evals) == 5_000 and "document 119" in carol.text("eval", 20_000)
+
+
+@given(st.text(alphabet="ab\n", min_size=1, max_size=3000), st.integers(1, 3000), st.integers(1, 500))
+def test_spread_sample_is_exactly_n_chars_of_in_order_pieces(text: str, n: int, piece: int) -> None:
+    got = spread_sample(text, n, piece=piece)
+    if len(text) <= n:
+        assert got == text
+        return
+    assert len(got) == n
+    # pieces are disjoint, in order: each piece of the output is found at or after the previous one's end
+    k = -(-n // piece)
+    sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    at, prev_end = 0, 0
+    for size in sizes:
+        chunk = got[at:at + size]
+        found = text.find(chunk, prev_end)
+        assert found >= prev_end
+        prev_end, at = found + size, at + size
