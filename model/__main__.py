@@ -72,13 +72,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     if args.gate is not None:  # the same preset with another expert gate: to compare regimes
         preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, gate=args.gate))
+    preset = preset.with_base_steps(args.base_steps)
     suite = Suite(preset, args.seed, use_cache=not args.no_cache, corpus_dir=args.corpus,
-                  pretrain_corpus=args.corpus_pretrain, device=args.device)
+                  corpus_chars=args.corpus_chars, pretrain_corpus=args.corpus_pretrain, device=args.device)
     t0 = time.perf_counter()
     suite.build_all()
     reliance = suite.reliance()
     metrics = {"preset": suite.preset.name, "seed": args.seed, "device": suite.device.type,
-               "gate": suite.preset.model.gate, "pretrained_on": list(suite.pretrain), "models": suite.evaluate_all(),
+               "gate": suite.preset.model.gate, "base_steps": suite.preset.base.steps,
+               "pretrained_on": list(suite.pretrain), "models": suite.evaluate_all(),
                "expert_reliance": reliance["texts"], "expert_usage_divergence": reliance["usage_divergence"],
                "timings": suite.timings, "wall_seconds": round(time.perf_counter() - t0, 2)}
     if args.codecs:
@@ -143,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--corpus", default=None, metavar="DIR", help="your own users' text: one sub-folder per user")
     t.add_argument("--corpus-pretrain", action="store_true",
                    help="also pretrain the tokenizer and the base on the --corpus users' training text")
+    t.add_argument("--corpus-chars", type=int, default=0, metavar="N",
+                   help="characters of each --corpus user's text its adapter (and, with --corpus-pretrain, "
+                        "the base) trains on, spread over the user's text (default 0: the preset's, 75,000 at "
+                        "small)")
+    t.add_argument("--base-steps", type=int, default=0, metavar="N",
+                   help="pretrain the base for N steps (default 0: the preset's, 600 at small)")
     t.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="where training and evaluation run (default cpu; auto takes CUDA when present)")
     t.add_argument("--no-cache", action="store_true", help="retrain even when the cache has the weights")

@@ -103,6 +103,18 @@ class Preset:
                  f"preset {self.name!r}: corpus_chars/eval_chars too small")
         _require(self.users_per_persona >= 1, f"preset {self.name!r}: users_per_persona must be >= 1")
 
+    def with_base_steps(self, steps: int) -> Preset:
+        """The same preset with the base pretrained for ``steps`` steps (0: the preset's own).
+
+        A federation that pretrains on its users' text (``--corpus-pretrain``) may want a longer
+        pretraining than the default's, which is sized for a cold run on 2 cores; warm-up and
+        schedule scale with it because they are set in the same TrainConfig.
+        """
+        _require(0 <= steps <= 10_000_000, f"base steps must be 0 (the preset's) or 1..10000000, got {steps}")
+        if not steps:
+            return self
+        return dataclasses.replace(self, base=dataclasses.replace(self.base, steps=steps))
+
     def with_seed(self, seed: int) -> Preset:
         """The same preset with every training seed derived from ``seed``."""
         return dataclasses.replace(

@@ -76,7 +76,7 @@ class Suite:
         for src in corpora.user_sources(self.held_out, self.preset.users_per_persona, seed):
             self.sources[src.name] = src
             self.unknown_users.append(src.name)
-        # --corpus users train on their first corpus_chars characters (0: as the built-in users)
+        # --corpus users train on corpus_chars characters spread over their text (0: as the built-in users)
         self.corpus_chars = corpus_chars
         self.corpus_users: list[str] = []
         if corpus_dir is not None:

@@ -44,7 +44,7 @@ LIVE_PARTS: tuple[LivePart, ...] = (prefetch_sweep.LIVE_PART, prefetch_live.LIVE
 
 def new_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool = True) -> Suite:
     """The scenario's Suite, checked against the scenario (nothing trained yet: that is cheap)."""
-    preset = get_preset(scn.federation.preset)
+    preset = get_preset(scn.federation.preset).with_base_steps(scn.model.base_steps)
     if scn.federation.users_per_persona:
         preset = dataclasses.replace(preset, users_per_persona=scn.federation.users_per_persona)
     suite = Suite(preset, scn.federation.seed, corpus_dir=corpus_dir, corpus_chars=scn.federation.corpus_chars,
@@ -56,7 +56,7 @@ def new_suite(scn: Scenario, *, corpus_dir: str | None = None, progress: bool = 
 def suite_key(scn: Scenario) -> tuple:
     """What decides a run's models: runs with equal keys can share one Suite (sim.sweep does)."""
     f = scn.federation
-    return (f.preset, f.seed, f.users_per_persona, f.corpus_chars, scn.model.corpus_pretrain)
+    return (f.preset, f.seed, f.users_per_persona, f.corpus_chars, scn.model.corpus_pretrain, scn.model.base_steps)
 
 
 def check_suite(scn: Scenario, suite: Suite, corpus_dir: str | None) -> None:
@@ -250,7 +250,7 @@ def add_scenario_arguments(ap: argparse.ArgumentParser, *, out: str) -> None:
                     "as many actors as CPUs and at least 4; 1: a process per node)")
     ap.add_argument("--corpus", metavar="DIR",
                     help="your own users' text: one sub-folder per user, named as a user id (A-Z a-z 0-9 . _ -); "
-                         "each adapter trains on the first federation.corpus_chars characters of its user's text "
+                         "each adapter trains on federation.corpus_chars characters spread over its user's text "
                          "(default: the preset's, 75,000 at small) and workload.score_chars are scored per "
                          "request; the report gives both per user")
     ap.add_argument("--corpus-pretrain", action="store_true", default=None,

@@ -75,6 +75,8 @@ class ModelSection:
     specialists: list[str] = field(default_factory=lambda: ["auto"])
     # Pretrain the tokenizer and the base on the --corpus users' training text too (needs --corpus).
     corpus_pretrain: bool = False
+    # Steps of the base's pretraining; 0: the preset's (600 at small, sized for a cold run on 2 cores).
+    base_steps: int = 0
 
     def validate(self) -> None:
         """Raise ScenarioError on out-of-range values."""
@@ -82,6 +84,8 @@ class ModelSection:
             codec = getattr(self, key)
             _check(codec in CODECS, f"model.{key}", f"unknown codec {codec!r}; choose one of {' '.join(CODECS)}")
         _check(len(set(self.specialists)) == len(self.specialists), "model.specialists", "has duplicates")
+        _check(0 <= self.base_steps <= 10_000_000, "model.base_steps",
+               f"must be 0 (the preset's) or between 1 and 10000000, got {self.base_steps}")
         _check("auto" not in self.specialists or self.specialists == ["auto"], "model.specialists",
                '"auto" stands alone')
 

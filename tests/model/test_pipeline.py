@@ -202,3 +202,20 @@ def test_unit_gate_makes_the_experts_load_bearing(tmp_path):
         ratios[gate] = {t: v["zeroed_ratio"] for t, v in metrics["expert_reliance"].items()}
     assert set(ratios["unit"]) == set(ratios["prob"])
     assert all(ratios["unit"][t] > ratios["prob"][t] for t in ratios["unit"]), ratios
+
+
+def test_base_steps_override_trains_another_base_and_bad_values_are_refused(tmp_path):
+    from model.config import ConfigError, get_preset
+
+    tiny = get_preset("tiny")
+    assert tiny.with_base_steps(0) is tiny
+    longer = tiny.with_base_steps(tiny.base.steps * 2)
+    assert longer.base.steps == 2 * tiny.base.steps and longer.specialist == tiny.specialist
+    assert Suite(longer, seed=0, progress=False).base_key != Suite(tiny, seed=0, progress=False).base_key
+    with pytest.raises(ConfigError, match="base steps"):
+        tiny.with_base_steps(-1)
+    r = subprocess.run([sys.executable, "-m", "model", "train", "--preset", "tiny", "--base-steps", "-3",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "base steps" in lines[0]
+    assert not (tmp_path / "o").exists()

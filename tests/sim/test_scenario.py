@@ -35,6 +35,7 @@ def test_values_are_read_and_ints_accepted_for_floats(tmp_path):
     ("[federation]\nuse_gpu = true\n", "federation.use_gpu"),
     ("[nonsense]\nx = 1\n", "nonsense"),
     ("[federation]\nseed = true\n", "federation.seed"),
+    ("[model]\nbase_steps = -1\n", "model.base_steps"),
 ])
 def test_invalid_scenarios_name_the_key_at_fault(tmp_path, text, key):
     with pytest.raises(S.ScenarioError) as err:
@@ -72,3 +73,13 @@ def test_the_soup_section_resolves_auto_and_refuses_what_leaves_no_base_node():
                             ("colour", 1, "soup.colour: unknown key")):
         with pytest.raises(S.ScenarioError, match=msg):
             S.from_dict({"soup": {key: value}})
+
+
+def test_model_base_steps_reaches_the_suite_and_its_key(tmp_path):
+    from sim.run import new_suite, suite_key
+
+    plain = S.load(write(tmp_path, "[federation]\npreset = \"tiny\"\n"))
+    longer = S.load(write(tmp_path, "[federation]\npreset = \"tiny\"\n[model]\nbase_steps = 77\n"))
+    assert new_suite(longer, progress=False).preset.base.steps == 77  # nothing trains: a Suite is lazy
+    assert new_suite(plain, progress=False).preset.base.steps != 77
+    assert suite_key(plain) != suite_key(longer)  # sweeps never share models across base lengths
