@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-tls-ca", type=Path,
                    help="PEM CA certificate of the nodes' certificates: call every node over TLS")
     p.add_argument("--chunk-kib", type=int, default=256, help="bundle chunk size in KiB (default 256)")
+    p.add_argument("--bundle-memory-mib", type=int, default=512,
+                   help="bundles shipped from memory up to this many MiB held; 0: from disk (default 512)")
     p.add_argument("--max-message-mib", type=int, default=MAX_MESSAGE_BYTES // MIB,
                    help=f"largest gRPC message in MiB (default {MAX_MESSAGE_BYTES // MIB})")
     p.add_argument("--max-concurrent-rpcs", type=int, default=64, help="client RPCs in flight before shedding")
@@ -55,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         host=args.host, port=args.port, db_path=args.db, bundle_dir=args.bundle_dir, tokenizer_path=args.tokenizer,
         bos_token=args.bos_token, admin_token=args.admin_token, node_token=args.node_token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, node_tls_ca=args.node_tls_ca, chunk_size=args.chunk_kib * KIB,
+        bundle_memory_bytes=args.bundle_memory_mib * MIB,
         max_message_bytes=args.max_message_mib * MIB,
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_text_chars=args.max_text_chars, max_tokens=args.max_tokens,
         max_new_tokens=args.max_new_tokens, node_timeout_s=args.node_timeout, heartbeat_interval_ms=args.heartbeat_ms)

@@ -39,6 +39,9 @@ class CoordinatorConfig:
     # over TLS (and reaches no plaintext node). None: plaintext calls to nodes.
     node_tls_ca: Path | None = None
     chunk_size: int = 256 * KIB
+    # Bundles shipped from memory, up to this many bytes held (least recently shipped dropped first);
+    # a bundle over it is read from its file per chunk. 0: always from the file.
+    bundle_memory_bytes: int = 512 * MIB
     max_message_bytes: int = MAX_MESSAGE_BYTES
     # Cap on concurrent client (Federation) RPCs; excess is shed with RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 64
@@ -71,6 +74,7 @@ class CoordinatorConfig:
         _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
         _require(self.bos_token is None or self.bos_token != "", "bos_token must be None or non-empty")
         _require(4 * KIB <= self.chunk_size <= 16 * MIB, f"chunk_size must be 4 KiB..16 MiB, got {self.chunk_size}")
+        _require(self.bundle_memory_bytes >= 0, f"bundle_memory_bytes must be >= 0, got {self.bundle_memory_bytes}")
         _require(self.max_message_bytes >= self.chunk_size + 64 * KIB,
                  "max_message_bytes must exceed chunk_size by at least 64 KiB (chunk headers)")
         for name in ("max_concurrent_rpcs", "max_concurrent_node_rpcs", "max_text_chars", "max_new_tokens",

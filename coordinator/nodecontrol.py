@@ -9,6 +9,7 @@ import numpy as np
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.bundle_chunks import ChunkEncoder
 from proto.byte_counting import payload_bytes
 
 from .core import Core, handles_errors, handles_stream_errors
@@ -118,18 +119,20 @@ class NodeControlService(rpc.NodeControlServicer):
         name = check_bundle_name(request.name)
         chunk = request.chunk_size or self.core.config.chunk_size
         chunk = min(max(chunk, _MIN_CHUNK), self.core.config.chunk_size)
-        meta, chunks = self.core.store.read_chunks(name, request.offset, request.length, chunk)
+        meta, chunks = self.core.store.read_chunks(name, request.offset, request.length, chunk, views=True)
         try:
             if request.expected_sha256 and request.expected_sha256 != meta.sha256:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"bundle {name!r} changed: its sha256 is no longer the expected one")
             self.core.traffic.count(pb.BYTE_KIND_BUNDLE, node_id, received=request.ByteSize())
+            # Each chunk leaves as the BundleChunk's bytes, encoded around a view of the held bundle
+            # (proto.bundle_chunks: one copy, no message object; FetchBundle's serializer passes them on).
+            encoder = ChunkEncoder(name=name, total_size=meta.size, sha256=meta.sha256)
+            count = self.core.traffic.count
             for offset, data in chunks:
-                message = pb.BundleChunk(name=name, offset=offset, data=data, total_size=meta.size,
-                                         sha256=meta.sha256)
+                message = encoder.encode(offset, data)
                 # Counted before the write: a chunk handed to gRPC has left as far as the node can tell.
-                self.core.traffic.count(pb.BYTE_KIND_BUNDLE, node_id, sent=message.ByteSize(),
-                                        payload=payload_bytes(message))
+                count(pb.BYTE_KIND_BUNDLE, node_id, sent=len(message), payload=len(data))
                 yield message
         finally:
             chunks.close()

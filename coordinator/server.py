@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
+from proto.bundle_chunks import add_node_control_servicer
 from proto.message_limits import message_size_options
 
 from .auth import server_credentials
@@ -123,7 +124,7 @@ async def serve(config: CoordinatorConfig, *,
         tokenizer = load_tokenizer(config.tokenizer_path)
     registry = Registry(config.db_path)
     try:
-        store = BundleStore(config.bundle_dir, chunk_size=config.chunk_size)
+        store = BundleStore(config.bundle_dir, chunk_size=config.chunk_size, memory_bytes=config.bundle_memory_bytes)
         traffic = Traffic()
         traffic.load(registry.load_traffic())
         guard = GuardInterceptor({FEDERATION: config.max_concurrent_rpcs,
@@ -133,7 +134,7 @@ async def serve(config: CoordinatorConfig, *,
 
         server = grpc.aio.server(interceptors=[guard], options=message_size_options(config.max_message_bytes))
         rpc.add_FederationServicer_to_server(FederationService(core), server)
-        rpc.add_NodeControlServicer_to_server(NodeControlService(core), server)
+        add_node_control_servicer(NodeControlService(core), server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         names = (FEDERATION, NODE_CONTROL, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -4,6 +4,12 @@ Layout under the store's root: ``<name>.bundle`` (the bytes) and ``<name>.meta.j
 sha256, model, codec). Names match ``proto.ids.BUNDLE_NAME_PATTERN`` and are never paths.
 Writes go to a temporary file and are renamed into place, so a reader never sees half a bundle,
 and a stream that opened the old file keeps reading the old bytes when a bundle is replaced.
+
+Bundles are shipped from memory: the store holds the bytes of the bundles it ships (read on first
+need, least recently used dropped first, ``memory_bytes`` at most), so that a chunk is a view of
+them rather than a read from the file (one copy fewer per chunk, and the file read once for all
+the nodes that fetch it; `read_chunks(views=True)`). A bundle larger than the budget is read from
+its file chunk by chunk.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import os
 import struct
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +28,7 @@ from proto.bundle.format import HEADER_SIZE, parse_header, parse_manifest
 from proto.ids import is_valid_bundle_name
 
 DEFAULT_CHUNK = 256 * 1024
+DEFAULT_MEMORY = 512 * 1024 * 1024
 _HASH_BLOCK = 1024 * 1024
 
 
@@ -115,14 +123,49 @@ class BundleWriter:
 class BundleStore:
     """Bundles on disk under ``root``, by name, with size and SHA-256; chunked reads from an offset."""
 
-    def __init__(self, root: str | Path, *, chunk_size: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, root: str | Path, *, chunk_size: int = DEFAULT_CHUNK,
+                 memory_bytes: int = DEFAULT_MEMORY) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.chunk_size = chunk_size
+        self.memory_bytes = memory_bytes
         self._meta: dict[str, BundleMeta] = {}
         self._shapes: dict[tuple[str, bytes], dict[str, tuple[int, ...]]] = {}
+        self._held: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # name -> (sha256, bytes), LRU first
+        self._held_bytes = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of bundles held in memory for shipping (at most ``memory_bytes``)."""
+        return self._held_bytes
+
+    def _forget(self, name: str) -> None:
+        held = self._held.pop(name, None)
+        if held is not None:
+            self._held_bytes -= len(held[1])
+
+    def _bytes_of(self, meta: BundleMeta) -> bytes | None:
+        """The bytes of bundle ``meta`` from memory (read from its file on first need), or None when
+        it does not fit ``memory_bytes``; the least recently shipped bundles make room."""
+        held = self._held.get(meta.name)
+        if held is not None and held[0] == meta.sha256:
+            self._held.move_to_end(meta.name)
+            return held[1]
+        self._forget(meta.name)
+        if meta.size > self.memory_bytes:
+            return None
+        data = self._data(meta.name).read_bytes()
+        if len(data) != meta.size:
+            raise BundleIntegrityError(f"bundle {meta.name!r} has {len(data)} bytes on disk, expected {meta.size}")
+        while self._held and self._held_bytes + len(data) > self.memory_bytes:
+            self._forget(next(iter(self._held)))
+        self._held[meta.name] = (meta.sha256, data)
+        self._held_bytes += len(data)
+        return data
 
     def _data(self, name: str) -> Path:
         return self.root / f"{name}.bundle"
@@ -138,6 +181,7 @@ class BundleStore:
         os.replace(tmp, self._data(meta.name))
         os.replace(tmp_meta, self._metafile(meta.name))
         self._meta[meta.name] = meta
+        self._forget(meta.name)
 
     def writer(self, name: str, *, size: int, sha256: bytes, model: str = "", codec: str = "") -> BundleWriter:
         """A writer for a bundle of declared ``size`` and ``sha256``."""
@@ -223,17 +267,20 @@ class BundleStore:
         """Remove a bundle; False when absent."""
         _check_name(name)
         self._meta.pop(name, None)
+        self._forget(name)
         existed = self._data(name).is_file()
         self._data(name).unlink(missing_ok=True)
         self._metafile(name).unlink(missing_ok=True)
         return existed
 
-    def read_chunks(self, name: str, offset: int = 0, length: int = 0,
-                    chunk_size: int | None = None) -> tuple[BundleMeta, ChunkReader]:
+    def read_chunks(self, name: str, offset: int = 0, length: int = 0, chunk_size: int | None = None, *,
+                    views: bool = False) -> tuple[BundleMeta, ChunkReader]:
         """Metadata and a :class:`ChunkReader` of (offset, bytes) chunks of ``[offset, offset+length)``.
 
-        ``length`` 0 means to the end. The file is opened before returning, so the chunks come
-        from the bundle as it was at the call even if it is replaced meanwhile.
+        ``length`` 0 means to the end. The chunks are ``bytes`` read from the file, opened before
+        returning; with ``views`` (shipping), read-only memoryviews of the bundle's bytes held in
+        memory instead, unless it is larger than ``memory_bytes``. Either way they come from the
+        bundle as it was at the call even if it is replaced meanwhile.
         """
         meta = self.get(name)
         if offset < 0 or offset > meta.size:
@@ -242,25 +289,34 @@ class BundleStore:
             raise BundleRangeError(f"length must be >= 0, got {length}")
         end = meta.size if length == 0 else min(meta.size, offset + length)
         step = self.chunk_size if not chunk_size else max(1, min(chunk_size, self.chunk_size))
-        return meta, ChunkReader(self._data(name), name, offset, end, step)
+        held = self._bytes_of(meta) if views else None
+        return meta, ChunkReader(self._data(name) if held is None else held, name, offset, end, step)
 
 
 class ChunkReader:
-    """Iterates (offset, bytes) chunks of an open bundle file; :meth:`close` releases the file."""
+    """Iterates (offset, bytes) chunks of a bundle's bytes in memory (as views) or of its open file;
+    :meth:`close` releases the file."""
 
-    def __init__(self, path: Path, name: str, start: int, end: int, step: int) -> None:
-        self._file = open(path, "rb")  # noqa: SIM115 - the reader owns the file until close()
-        self._file.seek(start)
+    def __init__(self, source: bytes | Path, name: str, start: int, end: int, step: int) -> None:
+        self._view = memoryview(source) if isinstance(source, bytes) else None
+        self._file = None if self._view is not None else open(source, "rb")  # noqa: SIM115 - until close()
+        if self._file is not None:
+            self._file.seek(start)
         self.name, self.pos, self.end, self.step = name, start, end, step
 
     def __iter__(self) -> ChunkReader:
         return self
 
-    def __next__(self) -> tuple[int, bytes]:
+    def __next__(self) -> tuple[int, bytes | memoryview]:
         if self.pos >= self.end:
             self.close()
             raise StopIteration
-        data = self._file.read(min(self.step, self.end - self.pos))
+        n = min(self.step, self.end - self.pos)
+        if self._view is not None:
+            data: bytes | memoryview = self._view[self.pos:self.pos + n]
+        else:
+            assert self._file is not None  # one of the two sources, set in __init__
+            data = self._file.read(n)
         if not data:
             self.close()
             raise BundleIntegrityError(f"bundle {self.name!r} ended at {self.pos}, expected {self.end} bytes")
@@ -270,4 +326,5 @@ class ChunkReader:
 
     def close(self) -> None:
         """Close the file (idempotent)."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()

@@ -38,8 +38,8 @@ import torch
 
 from model.codecs import CODECS
 from proto import federation_pb2 as pb
-from proto import federation_pb2_grpc as rpc
 from proto.auth_metadata import bearer_metadata
+from proto.bundle_chunks import node_control_stub
 from proto.ids import is_valid_id
 from proto.message_limits import message_size_options
 
@@ -267,7 +267,7 @@ class NodeHost:
     # ----------------------------------------------------------------------------- one node
 
     def _control(self, counter: ByteCounter) -> ControlLink:
-        stub = rpc.NodeControlStub(CountingChannel(self._channel, counter))
+        stub = node_control_stub(CountingChannel(self._channel, counter))  # FetchBundle's chunks as views
         return ControlLink(stub=stub, metadata=bearer_metadata(self._token), policy=self.fetch_policy,
                            local=self.local)
 

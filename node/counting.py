@@ -26,6 +26,7 @@ import grpc
 
 from proto import federation_pb2 as pb
 from proto.byte_counting import kind_name, kind_of_method, payload_bytes
+from proto.handlers import register, registered_handlers
 
 
 @dataclass
@@ -102,35 +103,18 @@ def _counting_serializer(counter: ByteCounter, kind: pb.ByteKind.ValueType,
     return run
 
 
-class _HandlerCollector:
-    """Stands in for a server while a generated ``add_*Servicer_to_server`` registers handlers."""
-
-    def __init__(self) -> None:
-        self.service = ""
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass  # rebuilt from the registered handlers below
-
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self.service = service
-        self.handlers = dict(handlers)
-
-
 def add_counted_servicer(add_fn: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server,
                          counter: ByteCounter) -> None:
     """Register ``servicer`` on ``server`` through the generated ``add_fn``, counting every message."""
-    collector = _HandlerCollector()
-    add_fn(servicer, collector)
+    service, handlers = registered_handlers(add_fn, servicer)
     wrapped = {}
-    for name, h in collector.handlers.items():
-        kind = kind_of_method(f"/{collector.service}/{name}")
+    for name, h in handlers.items():
+        kind = kind_of_method(f"/{service}/{name}")
         wrapped[name] = h._replace(
             request_deserializer=_counting_deserializer(counter, kind, h.request_deserializer),
             response_serializer=_counting_serializer(counter, kind, h.response_serializer),
         )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(collector.service, wrapped),))
-    server.add_registered_method_handlers(collector.service, wrapped)
+    register(server, service, wrapped)
 
 
 class CountingChannel:

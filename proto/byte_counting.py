@@ -6,7 +6,8 @@ inside (:func:`payload_bytes`). The coordinator, which knows why it calls, may c
 ``ScoreTokens`` call as ``MIXTURE`` where a node sees ``SCORE``; every other RPC counts the same on
 both sides, so node and coordinator figures can be compared kind by kind.
 
-Dependency rule: this module imports nothing else of ours but the generated ``federation_pb2``.
+Dependency rule: this module imports nothing else of ours but the generated ``federation_pb2`` and
+``proto.bundle_chunks`` (FetchBundle's chunks, received as views).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from . import federation_pb2 as pb
+from .bundle_chunks import ChunkView
 
 _PKG = "/fractal.federation.v1."
 
@@ -52,7 +54,7 @@ def kind_name(kind: int) -> str:
 def payload_bytes(msg: Any) -> int:
     """Bulk data carried by ``msg``: bundle chunk bytes, adapter blobs, hidden states and expert
     outputs (RunExpert); 0 for other messages."""
-    if isinstance(msg, pb.BundleChunk | pb.Adapter):
+    if isinstance(msg, pb.BundleChunk | pb.Adapter | ChunkView):
         return len(msg.data)
     if isinstance(msg, pb.RunExpertRequest):
         return len(msg.hidden)

@@ -24,9 +24,9 @@ from model.fractal_moe import build_model
 from node.assembly import decode_bundle, decode_records
 from node.fetch import FetchPolicy, fetch_bundle
 from proto import federation_pb2 as pb
-from proto import federation_pb2_grpc as rpc
 from proto.auth_metadata import bearer_metadata
 from proto.bundle import encode_bundle, read_bundle_verified
+from proto.bundle_chunks import node_control_stub
 from proto.message_limits import message_size_options
 
 from ..federation import SIM_MAX_MESSAGE_BYTES
@@ -151,7 +151,7 @@ class ShipRig:
         self.bare = await BareStream(self.data, cfg.chunk_size).start()
         self.coord_channel = grpc.aio.insecure_channel(self.handle.address, options=CHANNEL_OPTIONS)
         self.bare_channel = grpc.aio.insecure_channel(self.bare.address, options=CHANNEL_OPTIONS)
-        self.stub = rpc.NodeControlStub(self.coord_channel)
+        self.stub = node_control_stub(self.coord_channel)  # as a node's: FetchBundle's chunks as views
         self.bare_call = self.bare_channel.unary_stream(BARE_METHOD)
         return self
 

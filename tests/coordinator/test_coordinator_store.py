@@ -102,3 +102,43 @@ def test_offsets_outside_the_bundle(tmp_path):
         store.read_chunks("b", offset=6)
     _, reader = store.read_chunks("b", offset=5)  # the end itself: nothing left, not an error
     assert list(reader) == []
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.binary(min_size=0, max_size=3000), chunk=st.integers(1, 700), cut=st.integers(0, 3000),
+       length=st.integers(0, 3500), memory=st.sampled_from([0, 100, 10_000]))
+def test_shipping_views_are_the_same_chunks_as_file_reads(tmp_path_factory, data, chunk, cut, length, memory):
+    store = BundleStore(tmp_path_factory.mktemp("s"), chunk_size=chunk, memory_bytes=memory)
+    store.put_bytes("b", data)
+    offset = min(cut, len(data))
+    _, files = store.read_chunks("b", offset, length)
+    _, views = store.read_chunks("b", offset, length, views=True)
+    read, shipped = list(files), list(views)
+    assert [(o, bytes(c)) for o, c in shipped] == read
+    held = len(data) <= memory
+    assert all(isinstance(c, memoryview if held else bytes) for _, c in shipped)
+    assert all(c.readonly for _, c in shipped if isinstance(c, memoryview))
+    assert store.held_bytes == (len(data) if held else 0)
+
+
+def test_held_bundles_stay_within_memory_and_follow_replacement(tmp_path):
+    store = BundleStore(tmp_path, chunk_size=4, memory_bytes=25)
+    for name, fill in (("a", b"a"), ("b", b"b"), ("c", b"c")):
+        store.put_bytes(name, fill * 10)
+
+    def ship(name: str) -> bytes:
+        _, reader = store.read_chunks(name, views=True)
+        return b"".join(bytes(c) for _, c in reader)
+
+    assert ship("a") == b"a" * 10 and ship("b") == b"b" * 10 and store.held_bytes == 20
+    assert ship("c") == b"c" * 10 and store.held_bytes == 20  # "a", least recently shipped, made room
+    assert ship("b") == b"b" * 10 and ship("a") == b"a" * 10 and store.held_bytes == 20  # "c" went
+    # a replaced bundle ships its new bytes; a stream opened before keeps the old ones
+    _, before = store.read_chunks("a", views=True)
+    first = bytes(next(before)[1])
+    store.put_bytes("a", b"A" * 12)
+    assert first + b"".join(bytes(c) for _, c in before) == b"a" * 10
+    assert ship("a") == b"A" * 12 and store.held_bytes <= 25
+    assert store.delete("a") and store.held_bytes <= 10
+    with pytest.raises(ValueError, match="memory_bytes"):
+        BundleStore(tmp_path / "x", memory_bytes=-1)
