@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--node-tls-ca", type=Path,
                    help="PEM CA certificate of the nodes' certificates: call every node over TLS")
-    p.add_argument("--chunk-kib", type=int, default=256, help="bundle chunk size in KiB (default 256)")
+    p.add_argument("--chunk-kib", type=int, default=1024, help="bundle chunk size in KiB (default 1024)")
     p.add_argument("--bundle-memory-mib", type=int, default=512,
                    help="bundles shipped from memory up to this many MiB held; 0: from disk (default 512)")
     p.add_argument("--max-message-mib", type=int, default=MAX_MESSAGE_BYTES // MIB,

@@ -27,7 +27,7 @@ from proto.bundle.errors import BundleError
 from proto.bundle.format import HEADER_SIZE, parse_header, parse_manifest
 from proto.ids import is_valid_bundle_name
 
-DEFAULT_CHUNK = 256 * 1024
+DEFAULT_CHUNK = 1024 * 1024
 DEFAULT_MEMORY = 512 * 1024 * 1024
 _HASH_BLOCK = 1024 * 1024
 

@@ -16,11 +16,7 @@ as soon as its last byte arrives. So:
   coordinator names (``ref.sha256`` or the first chunk's), which the coordinator checks against
   its store at every stream start (``expected_sha256``) and every chunk repeats; the node does not
   hash the whole bundle a second time. Chunks are not copied into one buffer: the reader hands out
-  views of them, and assembles only the tensors that span chunks;
-- large chunks are verified on a worker thread (``hashlib`` releases the GIL while it hashes), up to
-  ``LOOKAHEAD`` chunks behind the stream, so that the event loop goes on receiving meanwhile; they
-  are verified one at a time, in order, and a fault found there stops the stream a few chunks later
-  than inline verification would (those chunks are received in vain, and counted).
+  views of them, and assembles only the tensors that span chunks.
 
 It returns only a bundle whose every checksum passed (``Fetched.bundle``), or raises FetchError.
 Installing is the caller's (``node.runtime``), all or nothing.
@@ -29,10 +25,7 @@ Installing is the caller's (``node.runtime``), all or nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -49,14 +42,6 @@ _FATAL = {
 }
 # Reader errors that bytes damaged in flight can cause (a flipped magic or version byte included).
 _DAMAGE = (CorruptBundle, NotABundle, UnknownVersion)
-# Chunks of at least this many bytes are verified off the event loop; a smaller one costs less to
-# hash than the hand-off to a thread.
-THREAD_MIN_BYTES = 64 * 1024
-# Chunks a stream may run ahead of their verification (8 chunks: 2 MiB at the default chunk size).
-LOOKAHEAD = 8
-# One thread verifies for every fetch of the process, in the order chunks are fed (a reader is fed
-# by one thread at a time, in order); the event loop, receiving, is the other.
-_VERIFIER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-verify")
 
 
 class FetchError(RuntimeError):
@@ -120,54 +105,19 @@ class Fetched:
 
 
 class _Received:
-    """Where the accepted bytes end, and the reader that verifies them (it holds the records).
-
-    Chunks are fed to the reader in order on one worker thread shared by every fetch of the
-    process, up to ``LOOKAHEAD`` chunks behind the stream, so that receiving goes on while
-    ``hashlib`` (which releases the GIL) hashes; a small chunk with nothing pending is fed inline.
-    A fault the reader finds surfaces at a later :meth:`feed` or at :meth:`drain`, up to
-    ``LOOKAHEAD`` chunks after the chunk that completed the damaged part.
-    """
+    """Where the verified bytes end, and the reader that verified them (it holds the records)."""
 
     def __init__(self, codecs: Iterable[str] | None) -> None:
         self.reader = BundleReader(allowed_codecs=codecs)
-        self.size = 0  # bytes received and accepted (a tensor still arriving included): where to resume
-        self._pending: deque[Future] = deque()
 
-    async def feed(self, data: bytes | memoryview) -> None:
-        """Accept the next chunk; raises the reader's BundleError for this or an earlier chunk."""
-        while self._pending and self._pending[0].done():
-            self._pending.popleft().result()
-        self.size += len(data)
-        if not self._pending and len(data) < THREAD_MIN_BYTES:
-            self.reader.feed(data)
-            return
-        self._pending.append(_VERIFIER.submit(self.reader.feed, data))
-        if len(self._pending) > LOOKAHEAD:
-            await asyncio.wrap_future(self._pending.popleft())
-
-    async def drain(self) -> None:
-        """Wait until every chunk fed is verified; raises the first BundleError among them."""
-        while self._pending:
-            await asyncio.wrap_future(self._pending.popleft())
-
-    async def settle(self) -> None:
-        """Wait until the worker is done with this reader, errors ignored (a fault already handled)."""
-        while self._pending:
-            with contextlib.suppress(BundleError):
-                await asyncio.wrap_future(self._pending.popleft())
-
-    def abandon(self) -> None:
-        """Drop chunks not yet verified (the fetch ended otherwise)."""
-        for f in self._pending:
-            f.cancel()
-        self._pending.clear()
+    @property
+    def size(self) -> int:
+        """Bytes received and accepted so far (those of a tensor still arriving included): where to resume."""
+        return self.reader.offset
 
     def rollback(self, offset: int) -> None:
         """Keep only the first ``offset`` bytes (a tensor's first byte, or 0) and what was verified before."""
-        assert not self._pending  # settled first: the reader is this thread's
         self.reader.rewind(offset)
-        self.size = offset
 
     def damaged_from(self, exc: BundleError) -> int:
         """Where good bytes end after ``exc``: the damaged tensor's first byte, or 0 for the head."""
@@ -186,70 +136,59 @@ async def fetch_bundle(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id:
     want_sha = bytes(ref.sha256)
     total = int(ref.size) or None
     payload = resumes = refetches = stalls = 0
-
-    async def fault(exc: BundleError) -> str:
-        """The cut to resume after, for a fault the reader found; FetchError when retrying cannot help."""
-        nonlocal refetches
-        await got.settle()
-        if not isinstance(exc, _DAMAGE):  # well-formed but not for us (an unknown codec...)
-            raise FetchError(f"bundle {ref.name!r} refused: {exc}", grpc.StatusCode.FAILED_PRECONDITION) from None
-        refetches += 1
-        if refetches > policy.max_refetch:
-            raise FetchError(f"bundle {ref.name!r}: {exc} ({refetches} corruptions); nothing installed",
-                             grpc.StatusCode.DATA_LOSS) from None
-        got.rollback(got.damaged_from(exc))
-        return str(exc)
-
-    try:
-        while True:
-            start = got.size
-            request = pb.FetchBundleRequest(node_id=node_id, name=ref.name, offset=start,
-                                            chunk_size=policy.chunk_size, expected_sha256=want_sha)
-            broken = ""
-            call = stub.FetchBundle(request, metadata=metadata, timeout=policy.stream_timeout_s)
-            try:
-                async for chunk in call:
-                    data = chunk.data  # each read of a protobuf bytes field copies it (upb): read it once
-                    payload += len(data)
-                    total = total or int(chunk.total_size)
-                    sha = chunk.sha256
-                    want_sha = want_sha or sha
-                    if chunk.total_size != total or sha != want_sha:
-                        raise FetchError(f"bundle {ref.name!r} changed while it was being fetched "
-                                         f"(size or sha256 differs from what was expected)",
-                                         grpc.StatusCode.FAILED_PRECONDITION)
-                    if chunk.offset != got.size or got.size + len(data) > total:
-                        broken = f"chunk at offset {chunk.offset} (+{len(data)}), expected {got.size}"
-                        break
-                    await got.feed(data)
-                    if got.size == total:
-                        break
-            except grpc.aio.AioRpcError as exc:
-                broken = broken_stream(exc, f"bundle {ref.name!r}")
-            except BundleError as exc:
-                broken = await fault(exc)
-            finally:
-                call.cancel()  # a stream left early must not keep sending
-            try:
-                await got.drain()
-            except BundleError as exc:
-                broken = await fault(exc)
-            if total is not None and got.size == total:
+    while True:
+        start = got.size
+        request = pb.FetchBundleRequest(node_id=node_id, name=ref.name, offset=start,
+                                        chunk_size=policy.chunk_size, expected_sha256=want_sha)
+        broken = ""
+        call = stub.FetchBundle(request, metadata=metadata, timeout=policy.stream_timeout_s)
+        try:
+            async for chunk in call:
+                data = chunk.data  # a view (ChunkView); upb copies a message's bytes field per read
+                payload += len(data)
+                total = total or int(chunk.total_size)
+                sha = chunk.sha256
+                want_sha = want_sha or sha
+                if chunk.total_size != total or sha != want_sha:
+                    raise FetchError(f"bundle {ref.name!r} changed while it was being fetched "
+                                     f"(size or sha256 differs from what was expected)",
+                                     grpc.StatusCode.FAILED_PRECONDITION)
+                if chunk.offset != got.size or got.size + len(data) > total:
+                    broken = f"chunk at offset {chunk.offset} (+{len(data)}), expected {got.size}"
+                    break
                 try:
-                    bundle = got.reader.finish()
-                except BundleError as exc:
-                    bundle, broken = None, str(exc)
-                if bundle is not None:
-                    return Fetched(name=ref.name, bundle=bundle, size=total, sha256=want_sha, payload_bytes=payload,
-                                   resumes=resumes, refetches=refetches)
-                refetches += 1
-                if refetches > policy.max_refetch:
-                    raise FetchError(f"bundle {ref.name!r} failed its checks {refetches} times; nothing installed",
-                                     grpc.StatusCode.DATA_LOSS)
-                got.rollback(0)
-                continue
-            stalls = await resume_after(policy, stalls, progressed=got.size > start, broken=broken,
-                                        what=f"bundle {ref.name!r}", tail=f"; stopped at byte {got.size} of {total}")
-            resumes += 1
-    finally:
-        got.abandon()
+                    got.reader.feed(data)
+                except _DAMAGE as exc:
+                    refetches += 1
+                    if refetches > policy.max_refetch:
+                        raise FetchError(f"bundle {ref.name!r}: {exc} ({refetches} corruptions); nothing installed",
+                                         grpc.StatusCode.DATA_LOSS) from None
+                    got.rollback(got.damaged_from(exc))
+                    broken = str(exc)
+                    break
+                except BundleError as exc:  # well-formed but not for us (an unknown codec...)
+                    raise FetchError(f"bundle {ref.name!r} refused: {exc}",
+                                     grpc.StatusCode.FAILED_PRECONDITION) from None
+                if got.size == total:
+                    break
+        except grpc.aio.AioRpcError as exc:
+            broken = broken_stream(exc, f"bundle {ref.name!r}")
+        finally:
+            call.cancel()  # a stream left early must not keep sending
+        if total is not None and got.size == total:
+            try:
+                bundle = got.reader.finish()
+            except BundleError as exc:
+                bundle, broken = None, str(exc)
+            if bundle is not None:
+                return Fetched(name=ref.name, bundle=bundle, size=total, sha256=want_sha, payload_bytes=payload,
+                               resumes=resumes, refetches=refetches)
+            refetches += 1
+            if refetches > policy.max_refetch:
+                raise FetchError(f"bundle {ref.name!r} failed its checks {refetches} times; nothing installed",
+                                 grpc.StatusCode.DATA_LOSS)
+            got.rollback(0)
+            continue
+        stalls = await resume_after(policy, stalls, progressed=got.size > start, broken=broken,
+                                    what=f"bundle {ref.name!r}", tail=f"; stopped at byte {got.size} of {total}")
+        resumes += 1

@@ -53,7 +53,7 @@ class BenchConfig:
 
     decode_shape: str = "30m"  # preset whose model shape the decode/ship bundles have (random weights)
     decode_codecs: tuple[str, ...] = ("int8", "ternary")
-    chunk_size: int = 256 * 1024  # the coordinator's default chunk size
+    chunk_size: int = 1024 * 1024  # the coordinator's default chunk size
     repeats: int = 5  # interleaved rounds of value and baseline; the median of each is kept
     ship_repeats: int = 20  # rounds of the shipping benchmarks (a 30m bundle crosses loopback in ~50 ms)
     preset: str = "small"  # trained preset of the federation benchmarks

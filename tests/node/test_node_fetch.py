@@ -125,10 +125,6 @@ def test_streams_that_bring_nothing_give_up_after_max_stalls():
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cut=st.integers(0, 11), cuts=st.integers(0, 3), corrupt=st.integers(0, 11), corruptions=st.integers(0, 2))
 def test_any_mix_of_cuts_and_corruption_yields_the_exact_bytes_or_an_error(cut, cuts, corrupt, corruptions):
-    _check_mix(cut, cuts, corrupt, corruptions)
-
-
-def _check_mix(cut: int, cuts: int, corrupt: int, corruptions: int) -> None:
     coord = FakeCoordinator(bundles={"b": DATA}, faults={"b": Faults(cut_after_chunks=cut, cuts=cuts,
                                                                      corrupt_chunk=corrupt,
                                                                      corruptions=corruptions)})
@@ -168,45 +164,3 @@ def test_the_node_hashes_each_byte_of_the_bundle_once(monkeypatch):
     got, _ = fetch(coord, ref)
     ours = sum(n for mod, n in hashed.items() if mod.split(".")[0] in ("node", "proto"))
     assert got.size == len(DATA) and ours == m.manifest_length + m.payload_length
-
-
-def test_chunks_verified_on_the_worker_thread_follow_the_same_rules(monkeypatch):
-    """Every chunk through the verifying thread (as chunks of THREAD_MIN_BYTES and more go): the
-    exact bundle; the damage stops the stream at most LOOKAHEAD chunks after the chunk that completes
-    the damaged tensor, and the stream resumes at that tensor's first byte."""
-    import threading
-
-    import node.fetch
-    from proto.bundle import BundleReader
-
-    monkeypatch.setattr(node.fetch, "THREAD_MIN_BYTES", 0)
-    threads: set[str] = set()
-    real_feed = BundleReader.feed
-
-    def feed(self, chunk):
-        threads.add(threading.current_thread().name)
-        return real_feed(self, chunk)
-
-    monkeypatch.setattr(BundleReader, "feed", feed)
-    coord = FakeCoordinator(bundles={"b": DATA}, faults={"b": Faults(corrupt_chunk=4, corruptions=1)})
-    got, _ = fetch(coord)
-    assert threads and all(name.startswith("fetch-verify") for name in threads)
-    assert got.refetches == 1 and [r.payload for r in got.bundle] == [r.payload for r in reference]
-    flipped = 4 * 4096 + 4096 // 2
-    m = read_manifest(DATA)
-    start, end = next((m.payload_start + e.offset, m.payload_start + e.offset + e.length) for e in m.entries
-                      if m.payload_start + e.offset <= flipped < m.payload_start + e.offset + e.length)
-    first_stream = min(len(DATA), ((end - 1) // 4096 + 1) * 4096)
-    assert [off for _, _, off in coord.fetches] == [0, start]
-    first_got = got.payload_bytes - (len(DATA) - start)  # what the first stream brought
-    assert first_stream <= first_got <= min(len(DATA), first_stream + node.fetch.LOOKAHEAD * 4096)
-
-
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cut=st.integers(0, 11), cuts=st.integers(0, 3), corrupt=st.integers(0, 11), corruptions=st.integers(0, 2))
-def test_any_mix_of_cuts_and_corruption_verified_on_the_worker_thread(cut, cuts, corrupt, corruptions):
-    import node.fetch
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(node.fetch, "THREAD_MIN_BYTES", 0)
-        _check_mix(cut, cuts, corrupt, corruptions)

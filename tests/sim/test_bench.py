@@ -113,7 +113,8 @@ def test_wire_benchmarks_run_and_print_json(capsys) -> None:
         assert r["value"] > 0 and r["baseline"] > 0 and r["ratio"] == pytest.approx(r["value"] / r["baseline"])
         assert r["unit"] == "MB/s"
     ship = rows[1]
-    assert ship["detail"]["bytes"] > 0 and ship["target"] == 0.8
+    assert ship["detail"]["bytes"] > 0 and ship["target"] == 0.85  # issue 17's targets
+    assert rows[2]["target"] == 0.5
 
 
 @pytest.mark.slow
