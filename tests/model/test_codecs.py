@@ -119,6 +119,20 @@ def test_int8_within_half_a_step_of_the_row_absmax_scale(shape, seed, scale):
     assert np.allclose(np.abs(d).max(axis=1), np.abs(m).max(axis=1), rtol=1e-6)
 
 
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31), scale=scales)
+def test_int8_decodes_to_each_stored_value_times_its_row_scale_rounded_once(shape, seed, scale):
+    """Read the payload by its documented layout (R float32 scales, then R x K int8 values) and
+    multiply in float32 here: the decoder must give exactly that, bit for bit."""
+    w = random_tensor(shape, seed, scale)
+    e = encode_tensor("t", w, "int8")
+    rows = w.shape[0] if w.dim() >= 2 else 1
+    s = np.frombuffer(e.payload, dtype=np.float32, count=rows)
+    q = np.frombuffer(e.payload, dtype=np.int8, offset=4 * rows).reshape(rows, -1)
+    want = q.astype(np.float32) * s[:, None]  # float32 * float32: one rounding
+    assert np.array_equal(decode_tensor(e).numpy().reshape(rows, -1), want)
+
+
 def check_ternary(w: torch.Tensor, d: torch.Tensor, prune: bool) -> None:
     m, dm = as_matrix(w), as_matrix(d)
     keep = keep_reference(m) if prune else np.ones_like(m, dtype=bool)
