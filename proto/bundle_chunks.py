@@ -19,19 +19,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from . import federation_pb2 as pb
 from . import federation_pb2_grpc as rpc
 from .handlers import register, registered_handlers
 
-SERVICE = "fractal.federation.v1.NodeControl"
+SERVICE = pb.DESCRIPTOR.services_by_name["NodeControl"].full_name
 FETCH_BUNDLE = f"/{SERVICE}/FetchBundle"
 
-# BundleChunk's fields: number -> (attribute, wire type); 0 varint, 2 length-delimited
-_FIELDS = {1: ("name", 2), 2: ("offset", 0), 3: ("data", 2), 4: ("total_size", 0), 5: ("sha256", 2),
-           6: ("model", 2), 7: ("codec", 2)}
-_STRINGS = frozenset({"name", "model", "codec"})
+# BundleChunk's fields, read from the generated descriptor (federation.proto is their one definition):
+# number -> (attribute, wire type: 0 varint, 2 length-delimited)
+_WIRE_TYPE = {FieldDescriptor.TYPE_UINT64: 0, FieldDescriptor.TYPE_STRING: 2, FieldDescriptor.TYPE_BYTES: 2}
+_CHUNK_FIELDS = pb.BundleChunk.DESCRIPTOR.fields
+if any(f.type not in _WIRE_TYPE for f in _CHUNK_FIELDS):  # a new field type needs its encoding here
+    raise ImportError("proto.bundle_chunks: BundleChunk has a field type this module does not encode")
+_FIELDS = {f.number: (f.name, _WIRE_TYPE[f.type]) for f in _CHUNK_FIELDS}
+_NUMBER = {f.name: f.number for f in _CHUNK_FIELDS}
+_STRINGS = frozenset(f.name for f in _CHUNK_FIELDS if f.type == FieldDescriptor.TYPE_STRING)
 _MAX_VARINT = 1 << 64
 
 
@@ -55,6 +61,9 @@ def _field(number: int, value: bytes | str | int) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(raw)) + raw
 
 
+_DATA_TAG = _varint(_NUMBER["data"] << 3 | 2)
+
+
 class ChunkEncoder:
     """Encodes the chunks of one bundle stream: ``encode(offset, data)`` is byte for byte
     ``pb.BundleChunk(name=, offset=, data=, total_size=, sha256=).SerializeToString()``, with one
@@ -63,15 +72,16 @@ class ChunkEncoder:
     def __init__(self, *, name: str, total_size: int, sha256: bytes) -> None:
         if not 0 <= total_size < _MAX_VARINT:
             raise ValueError(f"total_size must be 0..2**64-1, got {total_size}")
-        self._name = _field(1, name)
-        self._tail = _field(4, total_size) + _field(5, sha256)  # fields 4, 5 follow data (3) on the wire
+        self._name = _field(_NUMBER["name"], name)
+        # protobuf writes fields in number order: name, offset, data, then these
+        self._tail = _field(_NUMBER["total_size"], total_size) + _field(_NUMBER["sha256"], sha256)
 
     def encode(self, offset: int, data: bytes | bytearray | memoryview) -> bytes:
         """The serialized ``BundleChunk`` of ``data`` at ``offset``."""
         if not 0 <= offset < _MAX_VARINT:
             raise ValueError(f"offset must be 0..2**64-1, got {offset}")
         n = memoryview(data).nbytes
-        head = self._name + _field(2, offset) + (b"\x1a" + _varint(n) if n else b"")
+        head = self._name + _field(_NUMBER["offset"], offset) + (_DATA_TAG + _varint(n) if n else b"")
         return b"".join((head, data, self._tail)) if n else head + self._tail
 
 
