@@ -24,6 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proto import federation_pb2 as pb
+from proto.byte_counting import kind_name
+
 from ..codec_quality import SECTION_KEY as CODEC_QUALITY
 
 # (row key, label with its unit) of the cost axes of the frontiers, and the quality axis
@@ -61,7 +64,7 @@ class Frontier:
 
 FEDERATION_FRONTIER = Frontier("federation", COSTS, QUALITY, QUALITY_FIGURES)
 LIVE_FRONTIER = Frontier("live", LIVE_COSTS, LIVE_QUALITY, LIVE_FIGURES)
-CONTROL = "CONTROL"
+CONTROL = kind_name(pb.BYTE_KIND_CONTROL)  # the report's name of the kind, as bytes_by_kind keys it
 
 
 def mixture_over_best(mixtures: list[dict]) -> dict[str, float]:
