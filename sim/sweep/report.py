@@ -202,9 +202,6 @@ def write_plots(out: Path, rows: list[dict], keys: list[str]) -> list[str]:
         ax.scatter([r[cost] / scale for r in off], [r[qkey] for r in off], c="grey", s=18, label="dominated")
         ax.plot([r[cost] / scale for r in on], [r[qkey] for r in on], "o-", c="C3", ms=5, drawstyle="steps-post",
                 label="Pareto frontier")
-        at: dict[tuple[float, float], list[str]] = {}  # points at the same place share one label
-        for r in sorted(pts, key=lambda r: (r[cost], r[qkey])):
-            at.setdefault((r[cost] / scale, r[qkey]), []).append(str(r["point"]))
         ax.ticklabel_format(axis="y", useOffset=False)
         xs = [r[cost] for r in pts]
         if min(xs) > 0 and max(xs) > LOG_SPAN * min(xs):  # costs over decades: equal ratios, equal distances
@@ -215,7 +212,9 @@ def write_plots(out: Path, rows: list[dict], keys: list[str]) -> list[str]:
         ax.set_title(f"{xlabel.split(' (')[0]}\nagainst {qlabel.split(' (')[0].split(',')[0]}", fontsize=10)
         ax.legend(fontsize=8, loc="upper right")
         ax.margins(0.12)
-        labels.append((ax, [(x, y, ",".join(p)) for (x, y), p in at.items()]))
+        # points at (or near) the same place share one label: place_labels merges them, in this order
+        labels.append((ax, [(r[cost] / scale, r[qkey], str(r["point"]))
+                            for r in sorted(pts, key=lambda r: (r[cost], r[qkey]))]))
     key_ax = axes[-1]
     key_ax.axis("off")
     shown = ok[:KEY_ROWS]
