@@ -1,17 +1,17 @@
 """Fetching a bundle from the coordinator: streamed, verified as it arrives, resumed where it broke.
 
 ``NodeControl.FetchBundle`` streams chunks from an offset. :func:`fetch_bundle` feeds every chunk
-to ``proto.bundle.BundleReader``, which checks the header, the manifest and each tensor's sha256
+to ``proto.bundle.BundleReader``, which checks the header, the manifest and each tensor's digest (BLAKE3)
 as soon as its last byte arrives. So:
 
 - a cut stream (transport error, a stream that ends early, a chunk at the wrong offset) is asked
   for again from the end of the last good chunk: a cut costs only the bytes in flight;
-- a tensor whose bytes fail their sha256 (a chunk corrupted in flight) is dropped with everything
+- a tensor whose bytes fail their digest (a chunk corrupted in flight) is dropped with everything
   after it, and the stream resumes from that tensor's first byte: a corruption costs at most one
   tensor plus what followed it in flight, not the whole bundle; the header and manifest, being
   checked as a whole, are fetched again from byte 0;
 - every byte is hashed once: the reader's chain (header crc32 -> manifest sha256 -> each tensor's
-  sha256 and byte range, the ranges tiling the payload) covers the whole bundle, so the bytes are
+  digest and byte range, the ranges tiling the payload) covers the whole bundle, so the bytes are
   exactly the bundle whose manifest the header names. The bundle's identity is the sha256 the
   coordinator names (``ref.sha256`` or the first chunk's), which the coordinator checks against
   its store at every stream start (``expected_sha256``) and every chunk repeats; the node does not

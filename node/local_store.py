@@ -80,7 +80,7 @@ class LocalBundles:
                     return path
                 except OSError:
                     continue
-            data = encode_bundle(fetched.bundle.records, fetched.bundle.meta)
+            data = encode_bundle(fetched.bundle.records, fetched.bundle.meta, version=fetched.bundle.version)
             if hashlib.sha256(data).digest() != fetched.sha256:  # re-encoding must give back the verified bytes
                 log.warning("node %s: bundle %s does not re-encode to its sha256; not kept", node_id, fetched.name)
                 return None

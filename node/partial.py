@@ -4,7 +4,7 @@ A node started with a ``prefetch`` spec (``node.actor``) holds at most ``budget_
 block (or ``budget_bytes`` of expert payload). The coordinator's planner sends it a plan through
 heartbeats (``HeartbeatReply.prefetch``: the byte ranges, ``proto.expert_ranges``, of the non-expert
 tensors and of every expert it should hold, most wanted first); :meth:`PartialExperts.apply_plan` fetches
-what it lacks (``node.ranges``: each tensor checked against the manifest's sha256), installs each expert
+what it lacks (``node.ranges``: each tensor checked against the manifest's digest), installs each expert
 atomically (a new served model swapped in by one assignment) and evicts what the plan no longer names.
 
 A request (ScoreTokens) runs :func:`model.staged.staged_forward`; where a block's router picks an expert
@@ -207,7 +207,7 @@ class PartialExperts:
         bundle = Bundle(meta=dict(manifest.meta), records=tuple(records))
         label = "core" if key is None else f"b{key[0]}e{key[1]}"
         digest = hashlib.sha256((ref.name + label).encode() + b"".join(
-            bytes.fromhex(e.sha256) for s in self.spans.get(key, []) for e in s.entries)).digest()
+            bytes.fromhex(e.digest) for s in self.spans.get(key, []) for e in s.entries)).digest()
         size = span_bytes(self.spans.get(key, []))
         piece = await self.node._submit(
             self.node.store.get_or_decode, digest,

@@ -7,7 +7,7 @@ verifies) once per bundle and keeps it, then each range with ``NodeControl.Fetch
 
 - a cut stream resumes from the last byte received (up to ``FetchPolicy.max_stalls`` streams without
   progress);
-- every tensor of the range must hash to its manifest sha256, else the whole range is fetched again
+- every tensor of the range must hash to its manifest digest, else the whole range is fetched again
   (up to ``FetchPolicy.max_refetch`` times), then ``DATA_LOSS``;
 - the result is a ``proto.bundle.Bundle`` holding only verified records, which ``node.assembly``
   decodes like any bundle. Nothing is installed here (``node.partial`` does that, atomically).
@@ -15,7 +15,6 @@ verifies) once per bundle and keeps it, then each range with ``NodeControl.Fetch
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import grpc
@@ -95,7 +94,7 @@ async def fetch_head(stub: rpc.NodeControlStub, ref: pb.BundleRef, *, node_id: s
 async def fetch_range(stub: rpc.NodeControlStub, ref: pb.BundleRef, manifest: Manifest, offset: int, length: int,
                       *, node_id: str, metadata: tuple[tuple[str, str], ...], policy: FetchPolicy,
                       cost: RangeFetch) -> Bundle:
-    """The tensors of range [offset, offset + length), each verified against its manifest sha256."""
+    """The tensors of range [offset, offset + length), each verified against its manifest digest."""
     try:
         entries = entries_in(manifest, offset, length)
     except RangeError as exc:
@@ -107,14 +106,16 @@ async def fetch_range(stub: rpc.NodeControlStub, ref: pb.BundleRef, manifest: Ma
         for e in entries:
             at = manifest.payload_start + e.offset - offset
             piece = data[at:at + e.length]
-            if hashlib.sha256(piece).hexdigest() != e.sha256:
+            h = manifest.tensor_hash()
+            h.update(piece)
+            if h.hexdigest() != e.digest:
                 bad = e.name
                 break
             records.append(TensorRecord(e.name, e.codec, e.shape, piece, dict(e.meta), e.dtype))
         if not bad:
             return Bundle(meta=dict(manifest.meta), records=tuple(records))
         if attempt == policy.max_refetch:
-            raise FetchError(f"bundle {ref.name!r}: tensor {bad!r} failed its sha256 check {attempt + 1} times; "
-                             f"nothing installed", grpc.StatusCode.DATA_LOSS)
+            raise FetchError(f"bundle {ref.name!r}: tensor {bad!r} failed its {manifest.digest_name} check "
+                             f"{attempt + 1} times; nothing installed", grpc.StatusCode.DATA_LOSS)
         cost.refetches += 1
     raise AssertionError("unreachable")

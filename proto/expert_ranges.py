@@ -5,10 +5,10 @@ A prefetch range is a :class:`ByteRange` that covers whole tensors, contiguous i
 (its fc1 and fc2, written next to each other), or the run of non-expert tensors between two experts.
 Both sides compute ranges with the same rule (:func:`tensor_groups`), so the coordinator can name an
 expert by its bytes and a node can check that a range it is sent covers exactly whole tensors
-(:func:`entries_in`), each verified against the manifest's sha256 when its bytes arrive.
+(:func:`entries_in`), each verified against the manifest's tensor digest when its bytes arrive.
 
 A node first fetches the bundle's head (header and manifest: ``head_range``), whose own checksums
-(header crc32, manifest sha256) it verifies; the manifest's per-tensor sha256s then vouch for every
+(header crc32, manifest sha256) it verifies; the manifest's per-tensor digests then vouch for every
 range. The bundle's whole-file sha256 cannot be checked on a part of it; the manifest stands in for it.
 
 Which tensor belongs to which expert is the model's naming rule; this module takes it as a ``key``

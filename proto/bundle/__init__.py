@@ -1,7 +1,7 @@
 """The bundle format: how compressed tensors travel (docs/bundle-format.md).
 
 A bundle is a versioned header, a JSON manifest (tensor name, codec, shape, meta, byte range,
-sha256) and the tensors' payloads. Payloads are opaque bytes here: this package imports nothing
+digest) and the tensors' payloads. Payloads are opaque bytes here: this package imports nothing
 else of ours and knows codecs only as names the caller accepts. Any subset of a model's tensors
 makes a bundle, down to the two matrices of one expert of one block.
 
@@ -38,12 +38,16 @@ from .format import (
                      HEADER_SIZE,
                      MAGIC,
                      SUPPORTED_VERSIONS,
+                     TENSOR_DIGESTS,
                      VERSION,
                      Bundle,
                      Chunk,
                      Manifest,
                      ManifestEntry,
+                     TensorHash,
                      TensorRecord,
+                     tensor_digest,
+                     tensor_hash,
 )
 from .reader import BundleReader, read_bundle_verified, read_manifest
 from .writer import bundle_size, encode_bundle, iter_chunks, sub_bundle, write_bundle
@@ -53,7 +57,8 @@ __all__ = [
     "CorruptManifest", "DuplicateChunk", "InvalidRecord", "MissingTensor", "NotABundle", "OutOfOrderChunk",
     "OversizedChunk", "ShapeMismatch", "TruncatedBundle", "UnknownCodec", "UnknownTensor", "UnknownVersion",
     "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_SIZE", "HEADER_SIZE", "MAGIC", "SUPPORTED_VERSIONS", "VERSION",
-    "Bundle", "Chunk", "Manifest", "ManifestEntry", "TensorRecord",
+    "TENSOR_DIGESTS", "Bundle", "Chunk", "Manifest", "ManifestEntry", "TensorHash", "TensorRecord",
+    "tensor_digest", "tensor_hash",
     "BundleReader", "read_bundle_verified", "read_manifest",
     "bundle_size", "encode_bundle", "iter_chunks", "sub_bundle", "write_bundle",
 ]

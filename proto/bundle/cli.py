@@ -24,7 +24,7 @@ def describe_manifest(m: Manifest, file_size: int) -> dict:
     tensors = []
     for e in m.entries:
         tensors.append({"name": e.name, "codec": e.codec, "shape": list(e.shape), "dtype": e.dtype, "meta": e.meta,
-                        "offset": e.offset, "length": e.length, "sha256": e.sha256,
+                        "offset": e.offset, "length": e.length, m.digest_name: e.digest,
                         "bits_per_weight": round(e.bits_per_weight, 4)})
         c = per_codec[e.codec]
         c["tensors"] += 1

@@ -1,12 +1,13 @@
 """Reading bundles: a streaming reader that verifies chunk by chunk, and an all-or-nothing wrapper.
 
 The streaming reader hands out each tensor record as soon as its last byte has arrived and its
-sha256 matches; a caller that *installs* tensors must still wait for ``finish()`` (or use
+digest matches; a caller that *installs* tensors must still wait for ``finish()`` (or use
 ``read_bundle_verified``), because a later fault rejects the whole bundle.
 
 Each byte is hashed once and copied at most once. The checks form a chain that covers every byte:
 the header's crc32 covers its fixed fields, the header carries the manifest's sha256, the manifest
-carries each tensor's sha256 and byte range, and the ranges tile the payload. A tensor whose bytes
+carries each tensor's digest (BLAKE3 in version 2, SHA-256 in version 1) and byte range, and the
+ranges tile the payload. A tensor whose bytes
 lie inside one read-only chunk (``bytes``, or a read-only memoryview) is handed out as a view of
 that chunk, without a copy; one that spans chunks is assembled in a buffer of its own length,
 allocated once. Writable chunks are never kept: the caller may reuse them.
@@ -14,7 +15,6 @@ allocated once. Writable chunks are never kept: the caller may reuse them.
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -33,6 +33,7 @@ from .format import (
     Chunk,
     Header,
     Manifest,
+    TensorHash,
     TensorRecord,
     check_entries,
     parse_header,
@@ -65,7 +66,7 @@ class BundleReader:
         self._index = 0  # the entry whose payload is arriving
         self._pieces: list[bytes | memoryview] = []  # its bytes so far, when they span chunks
         self._filled = 0  # bytes of that entry received so far
-        self._hash = hashlib.sha256()
+        self._hash: TensorHash | None = None  # the arriving entry's, once the manifest names the hash
         self._records: list[TensorRecord] = []
         self._error: BundleError | None = None
 
@@ -106,7 +107,7 @@ class BundleReader:
                    + (f" of {total}" if total is not None else "") + (f", inside {where}" if where else ""))
             self._error = TruncatedBundle(msg)
             raise self._error
-        return Bundle(dict(self._manifest.meta), tuple(self._records))
+        return Bundle(dict(self._manifest.meta), tuple(self._records), self._manifest.version)
 
     def rewind(self, offset: int) -> None:
         """Forget everything from ``offset`` on (0, or the first byte of a tensor already reached) and
@@ -123,7 +124,7 @@ class BundleReader:
         self._index = starts.index(offset)
         del self._records[self._index:]
         self._received, self._pieces, self._filled, self._error = offset, [], 0, None
-        self._hash = hashlib.sha256()
+        self._hash = m.tensor_hash()
 
     # -- internals
 
@@ -171,12 +172,14 @@ class BundleReader:
             else:
                 self._manifest = parse_manifest(self._header, memoryview(self._head)[HEADER_SIZE:])
                 check_entries(self._manifest, allowed_codecs=self._allowed, expected_shapes=self._expected)
+                self._hash = self._manifest.tensor_hash()
                 self._head = bytearray()
         return used
 
     def _take_payload(self, view: memoryview, out: list[TensorRecord]) -> int:
-        assert self._manifest is not None  # payload bytes are taken only once the manifest is parsed
-        entries = self._manifest.entries
+        m = self._manifest
+        assert m is not None and self._hash is not None  # payload bytes are taken only once the manifest is parsed
+        entries = m.entries
         used = 0
         while self._index < len(entries):
             e = entries[self._index]
@@ -196,14 +199,14 @@ class BundleReader:
                 payload = b"".join(self._pieces)
             else:
                 payload = kept if n else b""
-            if self._hash.hexdigest() != e.sha256:
-                raise ChecksumMismatch(f"corrupted tensor {e.name!r}: sha256 mismatch", e.name)
+            if self._hash.hexdigest() != e.digest:
+                raise ChecksumMismatch(f"corrupted tensor {e.name!r}: {m.digest_name} mismatch", e.name)
             record = TensorRecord(e.name, e.codec, e.shape, payload, dict(e.meta), e.dtype)
             self._records.append(record)
             out.append(record)
             self._index += 1
             self._pieces, self._filled = [], 0
-            self._hash = hashlib.sha256()
+            self._hash = m.tensor_hash()
         return used
 
 

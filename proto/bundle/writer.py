@@ -10,13 +10,25 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import BundleError, MissingTensor
-from .format import DEFAULT_CHUNK_SIZE, HEADER_SIZE, Bundle, Chunk, TensorRecord, build_manifest, pack_header
+from .format import (
+    DEFAULT_CHUNK_SIZE,
+    HEADER_SIZE,
+    VERSION,
+    Bundle,
+    Chunk,
+    TensorRecord,
+    build_manifest,
+    pack_header,
+)
 
 
-def encode_bundle(records: Iterable[Any], meta: Mapping | None = None) -> bytes:
-    """The bundle bytes of ``records`` (objects with name, codec, shape, payload and optionally meta, dtype)."""
-    manifest, payloads = build_manifest(records, meta)
-    return b"".join([pack_header(manifest, sum(map(len, payloads))), manifest, *payloads])
+def encode_bundle(records: Iterable[Any], meta: Mapping | None = None, *, version: int = VERSION) -> bytes:
+    """The bundle bytes of ``records`` (objects with name, codec, shape, payload and optionally meta, dtype).
+
+    ``version``: the format to write (default the current one; 1 for readers that know only SHA-256).
+    """
+    manifest, payloads = build_manifest(records, meta, version)
+    return b"".join([pack_header(manifest, sum(map(len, payloads)), version), manifest, *payloads])
 
 
 def bundle_size(records: Iterable[Any], meta: Mapping | None = None) -> int:

@@ -38,6 +38,20 @@ def test_a_saved_bundle_reads_back_byte_for_byte_and_is_shared_by_hard_link(tmp_
     assert store.held("n1") == [SHA.hex()] and store.held("n9") == []
 
 
+
+def test_a_version_1_bundle_is_kept_in_its_own_version(tmp_path):
+    """A coordinator may still serve format-1 bundles (SHA-256 tensor digests): the node keeps them
+    byte for byte, since it re-encodes what it verified in the version it was read from."""
+    old = encode_bundle(read_bundle_verified([DATA]).records, {"model": "base"}, version=1)
+    sha = hashlib.sha256(old).digest()
+    got = Fetched(name="old", bundle=read_bundle_verified([old]), size=len(old), sha256=sha,
+                  payload_bytes=len(old), resumes=0, refetches=0)
+    assert got.bundle.version == 1 and old != DATA
+    path = LocalBundles(tmp_path).save("n1", got)
+    assert path is not None and path.read_bytes() == old
+    back = LocalBundles(tmp_path).load("n1", pb.BundleRef(name="old", size=len(old), sha256=sha))
+    assert back is not None and [r.payload for r in back.bundle] == [r.payload for r in got.bundle]
+
 @pytest.mark.parametrize("where", ["header", "payload", "truncated"])
 def test_a_damaged_copy_is_deleted_and_not_used(tmp_path, where):
     store = LocalBundles(tmp_path)

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import sys
 
+import blake3
 import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -136,31 +137,33 @@ def test_any_mix_of_cuts_and_corruption_yields_the_exact_bytes_or_an_error(cut, 
 
 
 def test_the_node_hashes_each_byte_of_the_bundle_once(monkeypatch):
-    """The reader's chain (manifest sha256, each tensor's sha256) covers the bundle; the node does
+    """The reader's chain (manifest sha256, each tensor's BLAKE3) covers the bundle; the node does
     not hash the whole bundle a second time (the fake coordinator's own hashing is not counted)."""
     coord = FakeCoordinator(bundles={"b": DATA})
     ref = coord.ref("b")
     m = read_manifest(DATA)
-    real = hashlib.sha256
     hashed: dict[str, int] = {}
 
-    class Counting:
-        def __init__(self, data=b"") -> None:
-            self._module = sys._getframe(1).f_globals["__name__"]
-            self._h = real()
-            self.update(data)
+    def counting(real):
+        class Counting:
+            def __init__(self, data=b"") -> None:
+                self._module = sys._getframe(1).f_globals["__name__"]
+                self._h = real()
+                self.update(data)
 
-        def update(self, data) -> None:
-            hashed[self._module] = hashed.get(self._module, 0) + memoryview(data).nbytes
-            self._h.update(data)
+            def update(self, data) -> None:
+                hashed[self._module] = hashed.get(self._module, 0) + memoryview(data).nbytes
+                self._h.update(data)
 
-        def digest(self) -> bytes:
-            return self._h.digest()
+            def digest(self) -> bytes:
+                return self._h.digest()
 
-        def hexdigest(self) -> str:
-            return self._h.hexdigest()
+            def hexdigest(self) -> str:
+                return self._h.hexdigest()
+        return Counting
 
-    monkeypatch.setattr(hashlib, "sha256", Counting)
+    monkeypatch.setattr(hashlib, "sha256", counting(hashlib.sha256))
+    monkeypatch.setattr(blake3, "blake3", counting(blake3.blake3))
     got, _ = fetch(coord, ref)
     ours = sum(n for mod, n in hashed.items() if mod.split(".")[0] in ("node", "proto"))
     assert got.size == len(DATA) and ours == m.manifest_length + m.payload_length

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import blake3
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from proto.bundle import (
     HEADER_SIZE,
     MAGIC,
+    SUPPORTED_VERSIONS,
     BundleError,
     BundleReader,
     ChecksumMismatch,
@@ -98,7 +100,7 @@ def test_layout_matches_the_documented_header():
     records = make_records(1, 2)
     data = encode_bundle(records, {"k": 1})
     magic, version, flags, mlen, plen, crc = struct.unpack_from("<8sHHIQI", data)
-    assert magic == b"\x89FFB\r\n\x1a\n" == MAGIC and version == 1 and flags == 0
+    assert magic == b"\x89FFB\r\n\x1a\n" == MAGIC and version == 2 and flags == 0
     assert crc == zlib.crc32(data[:24])
     manifest = data[HEADER_SIZE:HEADER_SIZE + mlen]
     assert data[28:60] == hashlib.sha256(manifest).digest()
@@ -108,7 +110,40 @@ def test_layout_matches_the_documented_header():
     for r, t in zip(records, doc["tensors"]):
         start = 60 + mlen + t["offset"]
         assert data[start:start + t["length"]] == r.payload
-        assert t["sha256"] == hashlib.sha256(r.payload).hexdigest() and t["shape"] == list(r.shape)
+        assert t["blake3"] == blake3.blake3(r.payload).hexdigest() and t["shape"] == list(r.shape)
+        assert "sha256" not in t
+
+
+def test_version_1_bundles_are_written_on_request_and_still_read():
+    records = make_records(5, 3)
+    old = encode_bundle(records, {"k": 1}, version=1)
+    new = encode_bundle(records, {"k": 1})
+    assert len(old) == len(new)  # same framing: only the digests and the version differ
+    assert struct.unpack_from("<H", old, 8)[0] == 1
+    mlen = struct.unpack_from("<I", old, 12)[0]
+    doc = json.loads(old[HEADER_SIZE:HEADER_SIZE + mlen])
+    assert [t["sha256"] for t in doc["tensors"]] == [hashlib.sha256(r.payload).hexdigest() for r in records]
+    for data in (old, new):
+        got = read_bundle_verified(iter_chunks(data, 333))
+        assert all(same(a, b) for a, b in zip(records, got))
+    assert read_manifest(old).digest_name == "sha256" and read_manifest(new).digest_name == "blake3"
+    # a version-1 tensor whose bytes changed fails its SHA-256, named as such
+    bad = bytearray(old)
+    bad[-1] ^= 0x01
+    with pytest.raises(ChecksumMismatch, match="sha256 mismatch"):
+        read_bundle_verified([bytes(bad)])
+    with pytest.raises(UnknownVersion):
+        encode_bundle(records, version=3)
+
+
+def test_a_manifest_must_carry_the_digest_its_version_names():
+    records = make_records(6, 2)
+    data = encode_bundle(records, {}, version=1)
+    # the same bytes but labelled version 2: its entries carry "sha256", not "blake3"
+    fixed = struct.pack("<8sHHIQ", MAGIC, 2, 0, *struct.unpack_from("<IQ", data, 12))
+    relabelled = fixed + struct.pack("<I", zlib.crc32(fixed)) + data[28:]
+    with pytest.raises(CorruptManifest, match="lacks 'blake3'"):
+        read_bundle_verified([relabelled])
 
 
 def test_bundles_are_deterministic_and_accept_codec_records():
@@ -305,7 +340,7 @@ def test_every_corruption_is_a_named_error_and_nothing_is_installed(seed, fault,
         err = expect_fault(UnknownCodec, chunks, **{**kw, "allowed_codecs": allowed})
         assert victim.codec in str(err)
     elif fault == "unknown_version":
-        version = data_.draw(st.integers(2, 65535))
+        version = data_.draw(st.integers(0, 65535).filter(lambda v: v not in SUPPORTED_VERSIONS))
         bad = bytearray(data)
         struct.pack_into("<H", bad, 8, version)
         err = expect_fault(UnknownVersion, iter_chunks(bytes(bad), chunk), **kw)
@@ -339,7 +374,7 @@ def test_a_manifest_that_lies_about_offsets_is_corrupt():
     doc = json.loads(data[HEADER_SIZE:HEADER_SIZE + mlen])
     doc["tensors"][1]["offset"] += 1
     manifest = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    fixed = struct.pack("<8sHHIQ", MAGIC, 1, 0, len(manifest), struct.unpack_from("<Q", data, 16)[0])
+    fixed = struct.pack("<8sHHIQ", MAGIC, 2, 0, len(manifest), struct.unpack_from("<Q", data, 16)[0])
     forged = fixed + struct.pack("<I", zlib.crc32(fixed)) + hashlib.sha256(manifest).digest() + manifest \
         + bytes(data[HEADER_SIZE + mlen:])
     with pytest.raises(CorruptManifest, match="starts at"):
@@ -404,12 +439,14 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
                                                                                          max_size=4),
                            max_leaves=20)
 entry_like = st.fixed_dictionaries(
-    {}, optional=dict.fromkeys(("name", "codec", "shape", "dtype", "meta", "offset", "length", "sha256"), json_values))
+    {}, optional=dict.fromkeys(("name", "codec", "shape", "dtype", "meta", "offset", "length", "sha256", "blake3"),
+                           json_values))
+_DIGESTS = {1: ("sha256", hashlib.sha256), 2: ("blake3", blake3.blake3)}
 
 
-def framed(manifest: bytes, payload: bytes) -> bytes:
+def framed(manifest: bytes, payload: bytes, version: int = 2) -> bytes:
     """A bundle whose header and digest are right for whatever manifest it carries."""
-    fixed = struct.pack("<8sHHIQ", MAGIC, 1, 0, len(manifest), len(payload))
+    fixed = struct.pack("<8sHHIQ", MAGIC, version, 0, len(manifest), len(payload))
     return fixed + struct.pack("<I", zlib.crc32(fixed)) + hashlib.sha256(manifest).digest() + manifest + payload
 
 
@@ -425,33 +462,34 @@ def test_arbitrary_bytes_give_a_bundle_error_never_a_crash(junk):
 @settings(max_examples=80, deadline=None)
 @given(doc=st.one_of(json_values, st.fixed_dictionaries({"meta": json_values, "tensors": st.lists(entry_like,
                                                                                                   max_size=3)})),
-       payload=st.binary(max_size=20))
-def test_forged_manifests_with_valid_digests_are_refused_cleanly(doc, payload):
-    data = framed(json.dumps(doc).encode(), payload)
+       payload=st.binary(max_size=20), version=st.sampled_from([1, 2]))
+def test_forged_manifests_with_valid_digests_are_refused_cleanly(doc, payload, version):
+    data = framed(json.dumps(doc).encode(), payload, version)
     try:
         bundle = read_bundle_verified(iter_chunks(data, 7))
     except BundleError:
         return
     # accepted only if it really is consistent: every tensor's bytes hash to its digest
     assert sum(len(r.payload) for r in bundle) == len(payload)
-    assert all(hashlib.sha256(r.payload).hexdigest() == t["sha256"] for r, t in zip(bundle, doc["tensors"]))
+    key, digest = _DIGESTS[version]
+    assert all(digest(r.payload).hexdigest() == t[key] for r, t in zip(bundle, doc["tensors"]))
 
 
 # ---- one hash per byte, no copies ------------------------------------------------------------
 
-_SHA256 = hashlib.sha256
+_BLAKE3 = blake3.blake3
 
 
-class _CountingSha:
-    """A sha256 that counts the bytes it is given (patched into the reader)."""
+class _CountingHash:
+    """A BLAKE3 that counts the bytes it is given (patched into the format's tensor hash)."""
 
     hashed = 0
 
     def __init__(self) -> None:
-        self._h = _SHA256()
+        self._h = _BLAKE3()
 
     def update(self, data) -> None:
-        _CountingSha.hashed += memoryview(data).nbytes
+        _CountingHash.hashed += memoryview(data).nbytes
         self._h.update(data)
 
     def hexdigest(self) -> str:
@@ -460,13 +498,13 @@ class _CountingSha:
 
 @pytest.mark.parametrize("chunk", [1, 97, 4096, 10**6])
 def test_the_reader_hashes_each_payload_byte_once(monkeypatch, chunk):
-    import proto.bundle.reader as reader_module
+    import proto.bundle.format as format_module
     records = make_records(3, n=6)
     data = encode_bundle(records, {})
-    monkeypatch.setattr(reader_module, "hashlib", SimpleNamespace(sha256=_CountingSha))
-    _CountingSha.hashed = 0
+    monkeypatch.setattr(format_module, "blake3", SimpleNamespace(blake3=_CountingHash))
+    _CountingHash.hashed = 0
     got = read_bundle_verified(data[i:i + chunk] for i in range(0, len(data), chunk))
-    assert _CountingSha.hashed == sum(len(r.payload) for r in records)
+    assert _CountingHash.hashed == sum(len(r.payload) for r in records)
     assert all(same(a, b) for a, b in zip(got, records))
 
 
