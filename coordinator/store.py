@@ -19,6 +19,7 @@ import json
 import os
 import struct
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,10 @@ class BundleStore:
         self._shapes: dict[tuple[str, bytes], dict[str, tuple[int, ...]]] = {}
         self._held: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # name -> (sha256, bytes), LRU first
         self._held_bytes = 0
+        # Bundles are read into memory on worker threads (hold), so _held is guarded; a bundle being
+        # read has its own lock, so that nodes asking for it at once read the file once.
+        self._mem_lock = threading.RLock()
+        self._loading: dict[str, threading.Lock] = {}
 
     @property
     def held_bytes(self) -> int:
@@ -144,28 +149,55 @@ class BundleStore:
         return self._held_bytes
 
     def _forget(self, name: str) -> None:
-        held = self._held.pop(name, None)
-        if held is not None:
-            self._held_bytes -= len(held[1])
+        with self._mem_lock:
+            held = self._held.pop(name, None)
+            if held is not None:
+                self._held_bytes -= len(held[1])
+
+    def _held_copy(self, meta: BundleMeta) -> bytes | None:
+        """The bytes of ``meta``'s version if held (now the most recently used), else None."""
+        with self._mem_lock:
+            held = self._held.get(meta.name)
+            if held is not None and held[0] == meta.sha256:
+                self._held.move_to_end(meta.name)
+                return held[1]
+            return None
 
     def _bytes_of(self, meta: BundleMeta) -> bytes | None:
         """The bytes of bundle ``meta`` from memory (read from its file on first need), or None when
-        it does not fit ``memory_bytes``; the least recently shipped bundles make room."""
-        held = self._held.get(meta.name)
-        if held is not None and held[0] == meta.sha256:
-            self._held.move_to_end(meta.name)
-            return held[1]
-        self._forget(meta.name)
+        it does not fit ``memory_bytes``; the least recently shipped bundles make room.
+
+        Blocking while the file is read: the coordinator calls :meth:`hold` on a worker thread first."""
+        data = self._held_copy(meta)
+        if data is not None:
+            return data
+        self._forget(meta.name)  # an older version of the same name
         if meta.size > self.memory_bytes:
             return None
-        data = self._data(meta.name).read_bytes()
-        if len(data) != meta.size:
-            raise BundleIntegrityError(f"bundle {meta.name!r} has {len(data)} bytes on disk, expected {meta.size}")
-        while self._held and self._held_bytes + len(data) > self.memory_bytes:
-            self._forget(next(iter(self._held)))
-        self._held[meta.name] = (meta.sha256, data)
-        self._held_bytes += len(data)
-        return data
+        with self._mem_lock:
+            loading = self._loading.setdefault(meta.name, threading.Lock())
+        with loading:
+            data = self._held_copy(meta)  # read by another thread while this one waited
+            if data is not None:
+                return data
+            data = self._data(meta.name).read_bytes()
+            if len(data) != meta.size:
+                raise BundleIntegrityError(f"bundle {meta.name!r} has {len(data)} bytes on disk, "
+                                           f"expected {meta.size}")
+            with self._mem_lock:
+                while self._held and self._held_bytes + len(data) > self.memory_bytes:
+                    self._forget(next(iter(self._held)))
+                self._held[meta.name] = (meta.sha256, data)
+                self._held_bytes += len(data)
+            return data
+
+    def hold(self, name: str) -> BundleMeta:
+        """Read bundle ``name`` into memory for shipping unless it is there already (or is larger than
+        ``memory_bytes``); its metadata. Blocking: run it on a worker thread (``asyncio.to_thread``)
+        so that a first read of a large bundle does not stall the event loop."""
+        meta = self.get(name)
+        self._bytes_of(meta)
+        return meta
 
     def _data(self, name: str) -> Path:
         return self.root / f"{name}.bundle"

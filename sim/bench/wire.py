@@ -234,7 +234,7 @@ async def fetch_verified(ctx) -> list[BenchResult]:
         name="fetch_verified", value=len(data) / node_s / MB, baseline=len(data) / bare_s / MB, unit="MB/s",
         better="higher", target=0.5,
         description=f"node.fetch.fetch_bundle (streamed; header crc32, manifest sha256 and every tensor's "
-                    f"sha256 checked, each byte hashed once) vs a bare grpc.aio stream of the same bytes and "
+                    f"BLAKE3 checked, each byte hashed once) vs a bare grpc.aio stream of the same bytes and "
                     f"{cfg.chunk_size // 1024} KiB chunks",
         detail={"bytes": len(data), "chunk_size": cfg.chunk_size, "node_s": node_s, "bare_s": bare_s,
                 "node_cpu_s": statistics.median(rig.cpu["node"]), "bare_cpu_s": statistics.median(rig.cpu["bare"])})]

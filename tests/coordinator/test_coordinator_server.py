@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import subprocess
+import threading
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -274,6 +276,49 @@ def test_failover_reinstalls_the_adapter_on_another_node(tmp_path):
         finally:
             await fed.close()
     run(go())
+
+
+def test_a_bundle_read_from_disk_does_not_stall_the_coordinator(tmp_path, monkeypatch):
+    """The first FetchBundle of a bundle reads its file on a worker thread: while that read is held
+    up (a slow disk), the coordinator still answers other calls; the fetch then completes intact."""
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    readers: list[threading.Thread] = []
+    real = Path.read_bytes
+
+    def slow(self: Path) -> bytes:
+        if self.suffix == ".bundle":
+            readers.append(threading.current_thread())
+            started.set()
+            release.wait(10)
+            finished.set()
+        return real(self)
+
+    async def go():
+        fed = await federation(tmp_path)
+        try:
+            data = os.urandom(20_000)
+            fed.coordinator.store.put_bytes("base.int8", data, model="base", codec="int8")
+            monkeypatch.setattr(Path, "read_bytes", slow)
+            admin = fed.stub
+            control = rpc.NodeControlStub(fed.channel)
+            fetch = asyncio.ensure_future(_drain(control.FetchBundle(
+                pb.FetchBundleRequest(node_id="n1", name="base.int8"), metadata=meta(NODE))))
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            stats = await admin.GetStats(pb.GetStatsRequest(), metadata=meta(ADMIN), timeout=20)
+            answered_during_read = not finished.is_set()
+            release.set()
+            assert answered_during_read and stats is not None
+            assert b"".join(await fetch) == data
+            assert readers and all(t is not threading.main_thread() for t in readers)
+        finally:
+            release.set()
+            await fed.close()
+    run(go())
+
+
+async def _drain(call) -> list[bytes]:
+    return [chunk.data async for chunk in call]
 
 
 def test_bundle_fetch_is_chunked_resumable_and_counted(tmp_path):

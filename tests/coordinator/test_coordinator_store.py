@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -142,3 +145,29 @@ def test_held_bundles_stay_within_memory_and_follow_replacement(tmp_path):
     assert store.delete("a") and store.held_bytes <= 10
     with pytest.raises(ValueError, match="memory_bytes"):
         BundleStore(tmp_path / "x", memory_bytes=-1)
+
+
+def test_nodes_asking_at_once_read_a_bundle_file_once(tmp_path, monkeypatch):
+    """hold() runs on worker threads (the coordinator's FetchBundle): eight at once for the same
+    bundle read its file once and all get it; a bundle over the budget is not read at all."""
+    store = BundleStore(tmp_path, chunk_size=7, memory_bytes=5000)
+    data = os.urandom(4000)
+    store.put_bytes("a", data)
+    store.put_bytes("big", os.urandom(6000))
+    reads: list[str] = []
+    real = Path.read_bytes
+    first_read = threading.Event()
+
+    def counting(self: Path) -> bytes:
+        if self.suffix == ".bundle":
+            reads.append(self.name)
+            first_read.set()
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    with ThreadPoolExecutor(8) as pool:
+        metas = list(pool.map(store.hold, ["a"] * 8 + ["big"]))
+    assert reads == ["a.bundle"] and first_read.is_set()
+    assert [m.name for m in metas] == ["a"] * 8 + ["big"] and store.held_bytes == len(data)
+    _, chunks = store.read_chunks("a", views=True)
+    assert b"".join(bytes(c) for _, c in chunks) == data and reads == ["a.bundle"]  # shipped from memory

@@ -114,7 +114,7 @@ def test_wire_benchmarks_run_and_print_json(capsys) -> None:
         assert r["unit"] == "MB/s"
     ship = rows[1]
     assert ship["detail"]["bytes"] > 0 and ship["target"] == 0.85  # issue 17's targets
-    assert rows[2]["target"] == 0.5
+    assert rows[2]["target"] == 0.5 and rows[0]["target"] == 0.25
 
 
 @pytest.mark.slow
