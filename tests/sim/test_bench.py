@@ -115,6 +115,9 @@ def test_wire_benchmarks_run_and_print_json(capsys) -> None:
     ship = rows[1]
     assert ship["detail"]["bytes"] > 0 and ship["target"] == 0.85  # issue 17's targets
     assert rows[2]["target"] == 0.5 and rows[0]["target"] == 0.25
+    fetched = rows[2]["detail"]  # the same fetch of the bundle written as format 1, in the same rounds
+    assert fetched["format1_node_s"] > 0 and fetched["format1_ratio"] == pytest.approx(
+        fetched["bare_s"] / fetched["format1_node_s"])
 
 
 @pytest.mark.slow
