@@ -21,7 +21,7 @@ import grpc
 
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as rpc
-from proto.bundle import Bundle, BundleError, Manifest, TensorRecord, read_manifest
+from proto.bundle import Bundle, BundleError, Manifest, TensorRecord, read_manifest, tensor_digest
 from proto.bundle.format import HEADER_SIZE, parse_header
 from proto.expert_ranges import RangeError, entries_in, head_range
 
@@ -106,14 +106,12 @@ async def fetch_range(stub: rpc.NodeControlStub, ref: pb.BundleRef, manifest: Ma
         for e in entries:
             at = manifest.payload_start + e.offset - offset
             piece = data[at:at + e.length]
-            h = manifest.tensor_hash()
-            h.update(piece)
-            if h.hexdigest() != e.digest:
+            if tensor_digest(piece, manifest.version) != e.digest:
                 bad = e.name
                 break
             records.append(TensorRecord(e.name, e.codec, e.shape, piece, dict(e.meta), e.dtype))
         if not bad:
-            return Bundle(meta=dict(manifest.meta), records=tuple(records))
+            return Bundle(meta=dict(manifest.meta), records=tuple(records), version=manifest.version)
         if attempt == policy.max_refetch:
             raise FetchError(f"bundle {ref.name!r}: tensor {bad!r} failed its {manifest.digest_name} check "
                              f"{attempt + 1} times; nothing installed", grpc.StatusCode.DATA_LOSS)

@@ -38,6 +38,8 @@ if any(f.type not in _WIRE_TYPE for f in _CHUNK_FIELDS):  # a new field type nee
 _FIELDS = {f.number: (f.name, _WIRE_TYPE[f.type]) for f in _CHUNK_FIELDS}
 _NUMBER = {f.name: f.number for f in _CHUNK_FIELDS}
 _STRINGS = frozenset(f.name for f in _CHUNK_FIELDS if f.type == FieldDescriptor.TYPE_STRING)
+# bytes fields copied out of the message (small: the sha256); ``data`` alone stays a view
+_COPIED = frozenset(f.name for f in _CHUNK_FIELDS if f.type == FieldDescriptor.TYPE_BYTES) - {"data"}
 _MAX_VARINT = 1 << 64
 
 
@@ -160,7 +162,7 @@ class ChunkView:
                     value = str(value, "utf-8")
                 except UnicodeDecodeError:
                     raise DecodeError(f"BundleChunk: {attr} is not valid UTF-8") from None
-            elif attr == "sha256":
+            elif attr in _COPIED:
                 assert isinstance(value, memoryview)  # wire type 2
                 value = bytes(value)
             setattr(chunk, attr, value)
