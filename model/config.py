@@ -23,6 +23,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 GATES = ("unit", "prob")  # how a chosen expert's output is scaled: see ModelConfig.gate
+MAX_BASE_STEPS = 10_000_000  # the largest base pretraining a preset, model train or a scenario may ask for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +111,8 @@ class Preset:
         pretraining than the default's, which is sized for a cold run on 2 cores; warm-up and
         schedule scale with it because they are set in the same TrainConfig.
         """
-        _require(0 <= steps <= 10_000_000, f"base steps must be 0 (the preset's) or 1..10000000, got {steps}")
+        _require(0 <= steps <= MAX_BASE_STEPS,
+                 f"base steps must be 0 (the preset's) or 1..{MAX_BASE_STEPS}, got {steps}")
         if not steps:
             return self
         return dataclasses.replace(self, base=dataclasses.replace(self.base, steps=steps))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.codecs import CODECS
+from model.config import MAX_BASE_STEPS
 
 
 class ScenarioError(ValueError):
@@ -84,8 +85,8 @@ class ModelSection:
             codec = getattr(self, key)
             _check(codec in CODECS, f"model.{key}", f"unknown codec {codec!r}; choose one of {' '.join(CODECS)}")
         _check(len(set(self.specialists)) == len(self.specialists), "model.specialists", "has duplicates")
-        _check(0 <= self.base_steps <= 10_000_000, "model.base_steps",
-               f"must be 0 (the preset's) or between 1 and 10000000, got {self.base_steps}")
+        _check(0 <= self.base_steps <= MAX_BASE_STEPS, "model.base_steps",
+               f"must be 0 (the preset's) or between 1 and {MAX_BASE_STEPS}, got {self.base_steps}")
         _check("auto" not in self.specialists or self.specialists == ["auto"], "model.specialists",
                '"auto" stands alone')
 
